@@ -1,0 +1,1 @@
+"""optax adapter for nero-core (placeholder until the JAX adapter lands)."""

@@ -1,0 +1,1 @@
+"""PyTorch adapter for nero-core (placeholder until the torch adapter lands)."""

@@ -1,0 +1,84 @@
+"""Shared pieces of every rule: the optimizer pair, namespaces, dtypes and argument checks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from array_api_compat import array_namespace, is_array_api_obj
+
+__all__ = [
+    "Optimizer",
+    "check_gradients",
+    "check_hyperparameter",
+    "check_params",
+    "compute_dtype",
+    "namespace_of",
+]
+
+
+class Optimizer(NamedTuple):
+    """A pure optimizer: ``state = init(params)``; ``params, state = update(grads, state, params)``."""
+
+    init: Callable[..., Any]
+    update: Callable[..., Any]
+
+
+def namespace_of(*arrays: Any, xp: Any = None) -> Any:
+    """The array-API namespace of ``arrays`` (or ``xp`` when given), with a clear error otherwise."""
+    if xp is not None:
+        return xp
+    found = [a for a in arrays if is_array_api_obj(a)]
+    if not found:
+        raise TypeError(
+            "cannot infer the array namespace: the inputs are not arrays (shape-only structs such as "
+            "jax.ShapeDtypeStruct carry no namespace); pass xp=<namespace> explicitly"
+        )
+    return array_namespace(*found)
+
+
+def _is_real_floating(xp: Any, dtype: Any) -> bool:
+    return any(dtype == getattr(xp, name, None) for name in ("float16", "bfloat16", "float32", "float64")) or (
+        xp.isdtype(dtype, "real floating")
+    )
+
+
+def check_params(xp: Any, params: Sequence[Any], what: str = "params") -> None:
+    """Every parameter must be a real floating-point array."""
+    for i, p in enumerate(params):
+        dtype = p.dtype
+        if _is_real_floating(xp, dtype):
+            continue
+        if xp.isdtype(dtype, "complex floating"):
+            raise TypeError(f"{what}[{i}] has complex dtype {dtype}: complex parameters are not supported")
+        raise TypeError(f"{what}[{i}] has dtype {dtype}: parameters must be real floating-point arrays")
+
+
+def check_gradients(xp: Any, grads: Sequence[Any], params: Sequence[Any]) -> None:
+    """Gradients must match the parameters one to one, in shape, and be real floating point."""
+    if len(grads) != len(params):
+        raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
+    for i, (g, p) in enumerate(zip(grads, params)):
+        if tuple(g.shape) != tuple(p.shape):
+            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape {tuple(p.shape)}")
+        if not _is_real_floating(xp, g.dtype):
+            kind = "complex" if xp.isdtype(g.dtype, "complex floating") else "non-floating"
+            raise TypeError(f"grads[{i}] has {kind} dtype {g.dtype}: gradients must be real floating point")
+
+
+def check_hyperparameter(name: str, value: Any, *, low: float, high: float, high_open: bool) -> None:
+    """Check a Python-number hyperparameter; arrays (traced or scheduled) are taken as given."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    bad = not math.isfinite(value) or value < low or (value >= high if high_open else value > high)
+    if bad:
+        bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise ValueError(f"{name} must be a finite number in {bound}, got {value!r}")
+
+
+def compute_dtype(xp: Any, dtype: Any) -> Any:
+    """The dtype the maths and the state use: float32 for half-precision parameters, else their own."""
+    if dtype == xp.float64:
+        return xp.float64
+    return xp.float32

@@ -1,0 +1,245 @@
+"""The array-API Nero rule on every backend: against the float64 reference, and its defining properties."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import nero_core
+from reference import ReferenceNero
+
+# 2-D, 4-D conv, 1-D, 0-D, fan-in 1, zero-initialised, empty (no neurons; no fan-in), a size-1 neuron axis.
+SHAPES = [(6, 5), (4, 3, 3, 3), (7,), (), (5, 1), (3, 4), (0, 4), (4, 0), (1, 6), (2, 3, 4)]
+ZERO_INIT = {5}
+STEPS = 25
+
+
+def make_problem(seed: int, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    params = [np.zeros(s) if i in ZERO_INIT else rng.normal(size=s) for i, s in enumerate(SHAPES)]
+    grads = [[rng.normal(size=s) * rng.uniform(0.1, 3) for s in SHAPES] for _ in range(STEPS)]
+    return [p.astype(dtype) for p in params], [[g.astype(dtype) for g in gs] for gs in grads]
+
+
+def run_backend(backend, params, grads, **options):
+    opt = nero_core.nero(**options)
+    update = backend.jit(opt.update)
+    ps = [backend.asarray(p) for p in params]
+    state = opt.init(ps)
+    history = []
+    for gs in grads:
+        ps, state = update([backend.asarray(g) for g in gs], state, ps)
+        history.append([backend.to_numpy(p) for p in ps])
+    return history, state
+
+
+def run_reference(params, grads, neuron_axis=0, **options):
+    axes = neuron_axis if isinstance(neuron_axis, list) else [neuron_axis] * len(params)
+    ref = ReferenceNero([p.shape for p in params], axes, **options)
+    ps, history = [np.asarray(p, np.float64) for p in params], []
+    for gs in grads:
+        ps = ref.step(ps, gs)
+        history.append(ps)
+    return history
+
+
+def max_deviation(history, reference):
+    return max(
+        float(np.max(np.abs(a.astype(np.float64) - b), initial=0.0))
+        for step_a, step_b in zip(history, reference)
+        for a, b in zip(step_a, step_b)
+    )
+
+
+@pytest.mark.parametrize("neuron_axis", [0, 1, -1])
+def test_matches_float64_reference(backend, neuron_axis):
+    params, grads = make_problem(1)
+    history, _ = run_backend(backend, params, grads, neuron_axis=neuron_axis)
+    assert max_deviation(history, run_reference(params, grads, neuron_axis)) <= 1e-12
+
+
+@pytest.mark.parametrize("neuron_axis", [0, -1])
+def test_matches_reference_in_float32(backend, neuron_axis):
+    params, grads = make_problem(2, np.float32)
+    history, state = run_backend(backend, params, grads, neuron_axis=neuron_axis)
+    assert all(h.dtype == np.float32 for h in history[-1])
+    assert all(backend.to_numpy(v).dtype == np.float32 for v in state.v)
+    assert max_deviation(history, run_reference(params, grads, neuron_axis)) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(centre=False), dict(normalise=False), dict(centre=False, normalise=False), dict(lr=0.1, beta=0.9)],
+    ids=["no-centre", "no-normalise", "unconstrained", "lr0.1-beta0.9"],
+)
+def test_options_match_reference(backend, options):
+    params, grads = make_problem(3)
+    history, _ = run_backend(backend, params, grads, **options)
+    assert max_deviation(history, run_reference(params, grads, **options)) <= 1e-12
+
+
+def test_per_parameter_and_callable_neuron_axes(backend):
+    params, grads = make_problem(4)
+    axes = [1, -1, None, None, 0, 1, 0, 0, None, 2]
+    by_list, _ = run_backend(backend, params, grads, neuron_axis=axes)
+    by_callable, _ = run_backend(backend, params, grads, neuron_axis=lambda shape: axes[SHAPES.index(shape)])
+    reference = run_reference(params, grads, axes)
+    assert max_deviation(by_list, reference) <= 1e-12
+    assert max_deviation(by_callable, reference) <= 1e-12
+
+
+def rows_of(x, axis):
+    return np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+
+
+@pytest.mark.parametrize("neuron_axis", [0, 1, -1])
+def test_rows_balanced_after_every_update(backend, neuron_axis):
+    params, grads = make_problem(5)
+    history, _ = run_backend(backend, params, grads, neuron_axis=neuron_axis)
+    checked = 0
+    for step in history:
+        for x in step:
+            axis = nero_core.neuron_axes([x.shape], neuron_axis)[0]
+            if axis is None or x.size == 0:
+                continue
+            rows = rows_of(x, axis)
+            np.testing.assert_allclose(rows.mean(axis=1), 0.0, atol=1e-13)
+            np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-13)
+            checked += 1
+    assert checked >= 5 * STEPS
+
+
+def test_bias_like_tensors_are_never_projected(backend):
+    params, grads = make_problem(6)
+    history, _ = run_backend(backend, params, grads)
+    bias = history[-1][SHAPES.index((7,))]
+    fan_in_one = history[-1][SHAPES.index((5, 1))]
+    assert abs(bias.mean()) > 1e-3 and abs(np.linalg.norm(bias) - 1) > 1e-3
+    # A fan-in-1 "neuron" projected would be 0 or +-1; bias-like it keeps its own magnitude.
+    assert np.all(np.abs(np.abs(fan_in_one) - 1) > 1e-3)
+
+
+@pytest.mark.parametrize("lr", [0.01, 0.1, 0.5])
+def test_balanced_neuron_turns_by_atan_lr(backend, lr):
+    """Gradients of constant row norm, zero-mean and orthogonal to the row turn it by atan(lr * sigma)."""
+    rng = np.random.default_rng(7)
+    w = nero_core.balanced([rng.normal(size=(5, 8))])[0]
+    opt = nero_core.nero(lr=lr)
+    update = backend.jit(opt.update)
+    params, state = [backend.asarray(w)], opt.init([backend.asarray(w)])
+    for _ in range(20):
+        old = backend.to_numpy(params[0])
+        g = rng.normal(size=old.shape)
+        g -= g.mean(axis=1, keepdims=True)
+        g -= np.sum(g * old, axis=1, keepdims=True) * old  # old rows are zero-mean and unit-norm
+        g *= 2.5 / np.linalg.norm(g, axis=1, keepdims=True)
+        params, state = update([backend.asarray(g)], state, params)
+        new = backend.to_numpy(params[0])
+        angles = np.arccos(np.clip(np.sum(old * new, axis=1), -1, 1))
+        np.testing.assert_allclose(angles, math.atan(lr * 1.0), atol=1e-9)
+
+
+def test_switches_do_one_thing_each(backend):
+    params, grads = make_problem(8)
+    centred, _ = run_backend(backend, params, grads, normalise=False)
+    normed, _ = run_backend(backend, params, grads, centre=False)
+    rows_c, rows_n = rows_of(centred[-1][0], 0), rows_of(normed[-1][0], 0)
+    np.testing.assert_allclose(rows_c.mean(axis=1), 0, atol=1e-12)
+    assert np.max(np.abs(np.linalg.norm(rows_c, axis=1) - 1)) > 1e-2
+    np.testing.assert_allclose(np.linalg.norm(rows_n, axis=1), 1, atol=1e-12)
+    assert np.max(np.abs(rows_n.mean(axis=1))) > 1e-3
+
+
+def test_init_reads_shapes_only():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    opt = nero_core.nero()
+    structs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in [(4, 3), (3,), (2, 3, 3, 3)]]
+    state = opt.init(structs, xp=jnp)
+    assert [v.shape for v in state.v] == [(4,), (3,), (2,)]
+    assert [s.dtype for s in state.sigma] == [jnp.float32] * 3
+    traced = jax.eval_shape(opt.init, structs)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), traced) == jax.tree.map(lambda a: (a.shape, a.dtype), state)
+    with pytest.raises(TypeError, match="pass xp="):
+        opt.init(structs)
+
+
+def test_state_is_one_float_per_neuron_and_bias_element(backend):
+    params, _ = make_problem(9)
+    state = nero_core.nero().init([backend.asarray(p) for p in params])
+    expected = [6, 4, 7, 1, 5, 3, 0, 0, 1, 2]  # (4, 0) has no fan-in: bias-like, zero elements
+    assert [math.prod(v.shape) for v in state.v] == expected
+    assert all(math.prod(s.shape) == 1 and math.prod(c.shape) == 1 for s, c in zip(state.sigma, state.count))
+    weights = sum(math.prod(s) for s in SHAPES)
+    assert sum(expected) < weights / 2
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1e30])
+def test_extreme_magnitudes_stay_finite(backend, scale):
+    params, grads = make_problem(10)
+    params = [p * scale for p in params]
+    grads = [[g * scale for g in gs] for gs in grads[:5]]
+    history, state = run_backend(backend, params, grads)
+    for x in history[-1] + [backend.to_numpy(v) for v in state.v + state.sigma]:
+        assert np.all(np.isfinite(x))
+
+
+def test_zero_gradients_leave_balanced_rows_in_place(backend):
+    params, _ = make_problem(11)
+    grads = [[np.zeros_like(p) for p in params]] * 3
+    history, state = run_backend(backend, params, grads)
+    balanced = nero_core.balanced(params)
+    for got, want in zip(history[-1], balanced):
+        np.testing.assert_allclose(got, want, atol=1e-15)
+    assert all(np.all(backend.to_numpy(v) == 0) for v in state.v)
+
+
+def test_balanced_projects_only_neuron_tensors(backend):
+    params, _ = make_problem(12)
+    out = [backend.to_numpy(x) for x in nero_core.balanced([backend.asarray(p) for p in params])]
+    for shape, p, x in zip(SHAPES, params, out):
+        axis = nero_core.neuron_axes([shape], 0)[0]
+        if axis is None:
+            np.testing.assert_array_equal(x, p)
+        elif shape == (3, 4):  # zero-initialised: zero rows stay zero
+            np.testing.assert_array_equal(x, 0)
+        elif x.size:
+            np.testing.assert_allclose(np.linalg.norm(rows_of(x, 0), axis=1), 1, atol=1e-14)
+
+
+def test_nonfinite_gradient_skips_whole_step(backend):
+    params, grads = make_problem(13)
+    opt = nero_core.nero()
+    update = backend.jit(opt.update)
+    ps = [backend.asarray(p) for p in params]
+    state = opt.init(ps)
+    ps, state = update([backend.asarray(g) for g in grads[0]], state, ps)
+    bad = [g.copy() for g in grads[1]]
+    bad[1].flat[3] = np.nan
+    new_ps, new_state = update([backend.asarray(g) for g in bad], state, ps)
+    for a, b in zip(new_ps, ps):
+        np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
+    for field in ("count", "v", "sigma"):
+        for a, b in zip(getattr(new_state, field), getattr(state, field)):
+            np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
+    assert int(backend.to_numpy(new_state.skipped)) == 1
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_half_precision_keeps_float32_state(backend, half):
+    xp = backend.xp
+    dtype = getattr(xp, half, None)
+    if dtype is None or (half == "bfloat16" and not backend.has_bfloat16):
+        pytest.skip(f"{backend.name} has no {half}")
+    rng = np.random.default_rng(14)
+    params = [xp.astype(backend.asarray(rng.normal(size=(4, 6)).astype(np.float32)), dtype)]
+    opt = nero_core.nero()
+    state = opt.init(params)
+    assert state.v[0].dtype == xp.float32 and state.sigma[0].dtype == xp.float32
+    grads = [xp.astype(backend.asarray(rng.normal(size=(4, 6)).astype(np.float32)), dtype)]
+    new, state = backend.jit(opt.update)(grads, state, params)
+    assert new[0].dtype == dtype and state.v[0].dtype == xp.float32
+    rows = backend.to_numpy(xp.astype(new[0], xp.float32))
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-2)
