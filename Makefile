@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart_numpy.py
+	$(PY) examples/compare.py
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q

@@ -71,7 +71,8 @@ def _inverse_rms(v: Any, bias_correction: Any, xp: Any) -> Any:
     """``1 / sqrt(v / bias_correction)`` where ``v > 0``, else 0: the 0/0 guard, without eps."""
     positive = v > 0
     safe = xp.where(positive, v, xp.ones_like(v))
-    return xp.where(positive, xp.sqrt(bias_correction / safe), xp.zeros_like(v))
+    # 1/sqrt(v/bc), not sqrt(bc/v): bc/v overflows float32 for tiny v (gradients ~1e-20), this cannot.
+    return xp.where(positive, 1 / xp.sqrt(safe / bias_correction), xp.zeros_like(v))
 
 
 def _bias_correction(beta: Any, t: Any, dtype: Any, xp: Any) -> Any:

@@ -243,3 +243,13 @@ def test_half_precision_keeps_float32_state(backend, half):
     assert new[0].dtype == dtype and state.v[0].dtype == xp.float32
     rows = backend.to_numpy(xp.astype(new[0], xp.float32))
     np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-2)
+
+
+def test_tiny_float32_gradients_take_a_finite_normalised_step(backend):
+    """v ~ 1e-43 (subnormal) once overflowed 1/v in float32 and wrote -inf into parameters."""
+    opt = nero_core.nero()
+    xp = backend.xp
+    params = [xp.astype(backend.asarray(np.ones(4)), xp.float32)]
+    grads = [xp.astype(backend.asarray(np.full(4, 1e-20)), xp.float32)]
+    new, _ = backend.jit(opt.update)(grads, opt.init(params), params)
+    np.testing.assert_allclose(backend.to_numpy(new[0]), 0.99, atol=1e-3)

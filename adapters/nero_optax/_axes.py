@@ -1,0 +1,106 @@
+"""Per-leaf options for a pytree of parameters: which leaves are floating point and where their neurons are.
+
+``neuron_axis`` may be an int or None for every leaf, a pytree matching the parameters, or a callable
+``(path, leaf) -> int | None`` (``path`` is a JAX key path, as from ``jax.tree_util.tree_flatten_with_path``).
+Errors name the leaf by its key path, so that a user can find it in their model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import nero_core
+
+__all__ = ["NeuronAxisTree", "check_floating", "flax_neuron_axis", "leaf_neuron_axes"]
+
+NeuronAxisTree = Union[int, None, Any, Callable[[tuple[Any, ...], Any], Union[int, None]]]
+
+
+def _name(path: tuple[Any, ...]) -> str:
+    return jax.tree_util.keystr(path) or "<root>"
+
+
+def check_floating(paths: Sequence[tuple[Any, ...]], leaves: Sequence[Any], what: str = "params") -> None:
+    """Every leaf must be a real floating-point array (bfloat16 and float16 included)."""
+    for path, leaf in zip(paths, leaves):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None:
+            raise TypeError(f"{what} leaf {_name(path)} is a {type(leaf).__name__}, not an array")
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{what} leaf {_name(path)} has dtype {dtype}: Nero needs real floating-point leaves; filter the "
+                "tree to trainable float arrays (eqx.filter(model, eqx.is_inexact_array)) or leave the others "
+                "out with optax.masked / optax.partition"
+            )
+
+
+def _is_function(neuron_axis: Any) -> bool:
+    # An Equinox module is callable but is a pytree node; a plain function is a pytree leaf.
+    return callable(neuron_axis) and jax.tree_util.treedef_is_leaf(jax.tree.structure(neuron_axis))
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _per_leaf(
+    neuron_axis: NeuronAxisTree, paths: Sequence[tuple[Any, ...]], leaves: Sequence[Any], treedef: Any
+) -> list:
+    if neuron_axis is None or isinstance(neuron_axis, (int, np.integer)):
+        return [neuron_axis] * len(leaves)
+    if isinstance(neuron_axis, (jax.Array, np.ndarray)):
+        raise TypeError(
+            "neuron_axis arrived as an array: optax.inject_hyperparams turns int arguments into arrays. "
+            "Keep it static: optax.inject_hyperparams(nero_optax.nero, static_args='neuron_axis')"
+        )
+    if _is_function(neuron_axis):
+        return [None if _is_masked(leaf) else neuron_axis(path, leaf) for path, leaf in zip(paths, leaves)]
+    try:
+        return treedef.flatten_up_to(neuron_axis)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(
+            f"neuron_axis must be an int, None, a callable (path, leaf) -> int | None, or a pytree with the same "
+            f"structure as params; the tree given does not match params ({treedef}): {exc}"
+        ) from None
+
+
+def _checked(axis: Any, path: tuple[Any, ...], shape: tuple[int, ...]) -> int | None:
+    if axis is None:
+        return None
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"neuron_axis for leaf {_name(path)} must be an int or None, got {axis!r}")
+    if len(shape) >= 2 and not -len(shape) <= axis < len(shape):
+        raise ValueError(f"neuron_axis {axis} is out of range for leaf {_name(path)} of shape {shape}")
+    return int(axis)
+
+
+def leaf_neuron_axes(neuron_axis: NeuronAxisTree, params: Any) -> tuple[int | None, ...]:
+    """The resolved neuron axis of every leaf of ``params`` (None for bias-like leaves), in leaf order.
+
+    Leaves that ``optax.masked`` or ``optax.partition`` left out (``MaskedNode``) still line up with a
+    ``neuron_axis`` tree given for the whole model, and are dropped from the result.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)
+    paths = [path for path, _ in flat]
+    given = _per_leaf(neuron_axis, paths, [leaf for _, leaf in flat], treedef)
+    kept = [(path, leaf, axis) for (path, leaf), axis in zip(flat, given) if not _is_masked(leaf)]
+    paths, leaves, given = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
+    shapes = [tuple(leaf.shape) for leaf in leaves]
+    checked = [_checked(a, path, shape) for a, path, shape in zip(given, paths, shapes)]
+    return nero_core.neuron_axes(shapes, checked)
+
+
+def flax_neuron_axis(path: tuple[Any, ...], leaf: Any) -> int | None:
+    """Neuron axis for Flax (Linen or NNX) models: 0 for ``embedding`` tables ``(vocab, features)``, else -1.
+
+    Flax kernels are ``(in, out)`` and ``(kh, kw, in, out)``, so their neurons are the last axis; an
+    embedding table holds one vector per token along its first axis. Pass it as ``neuron_axis``.
+    """
+    names = {getattr(key, "key", getattr(key, "name", None)) for key in path}
+    return 0 if "embedding" in names else -1

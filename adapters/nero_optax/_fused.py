@@ -1,0 +1,122 @@
+"""Nero's neuron-tensor step in JAX from per-row sums: reductions, then one read-and-write pass.
+
+For a row ``w`` (one neuron) with gradient ``g`` and fan-in ``n``, the core rule is
+
+    at t == 0 (constrained):  w0 = (w - m) * a      m = mean(w) if centre,  a = 1/|w - m| if normalise
+    r = w0 - c * g            c = lr * sigma / sqrt(v_hat)
+    out = (r - mean(r)) * s   s = 1/|r - mean(r)| if normalise (mean(r) only if centre)
+
+Every mean and norm above is a function of five row sums of the *old* row, ``sum(w)``, ``|w|^2``, ``sum(g)``,
+``|g|^2`` and ``<w, g>``, and the first two are known (0 and 1) once the kernel has balanced the row itself:
+
+    |w - m|^2 = |w|^2 - 2 m sum(w) + n m^2        sum(w0) = a (sum(w) - n m)      <w0, g> = a (<w, g> - m sum(g))
+    sum(r) = sum(w0) - c sum(g)                    |r|^2 = a^2 |w - m|^2 - 2 c <w0, g> + c^2 |g|^2
+    |r - mean(r)|^2 = |r|^2 - sum(r)^2 / n
+
+so a step reduces ``g``, ``g*g`` and ``w*g`` per row and then reads ``w`` and ``g`` once more to write
+``out = s * (a (w - m) - c g - mean(r))``. (XLA on CPU runs each reduction as its own pass: four array reads
+and one read-and-write pass in all, against Adam's four reads and three writes.) The t == 0 projection is folded
+into the per-row scalars ``(m, a)`` (``(0, 1)`` afterwards), so no step pays for it twice. Sums run over every
+axis but the neuron axis in place: no transpose, whatever the layout.
+
+Known limit: a row that is exactly zero after a step although it had a gradient (a zero row whose gradient was
+constant along the row, which centring cancels) is taken as unit-norm at the next step; the core rule would
+normalise it when it first moves. Zero rows that never had a gradient (``v == 0``) are handled exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["neuron_step"]
+
+SIGMA_FLOOR = 0.01  # the core's sigma for a tensor that starts at zero
+
+
+def _safe_reciprocal(x: Any) -> Any:
+    """1/x where x > 0, else 1 (a zero row stays zero)."""
+    positive = x > 0
+    return jnp.where(positive, 1 / jnp.where(positive, x, 1), 1)
+
+
+def _inverse_rms(v: Any, bias_correction: Any) -> Any:
+    """``1 / sqrt(v / bias_correction)`` where ``v > 0``, else 0."""
+    positive = v > 0
+    return jnp.where(positive, jnp.sqrt(bias_correction / jnp.where(positive, v, 1)), 0)
+
+
+def _norm(squared: Any) -> Any:
+    return jnp.sqrt(jnp.maximum(squared, 0))  # an expanded square can round below zero
+
+
+def _weight_sums(w: Any, first: Any, v: Any, others: tuple[int, ...], *, centre: bool, normalise: bool) -> Any:
+    """``sum(w)`` and ``|w|^2`` per row, read from memory only when they are not known already.
+
+    After its first update every row this kernel wrote is balanced: zero-mean if ``centre``, unit-norm if
+    ``normalise``. The exception is a row still zero from a zero projection, whose ``v`` is 0 (it never had a
+    gradient), so rows are read again at the first step and while any ``v`` is 0 (under ``lax.cond``, so
+    other steps skip the reads).
+    """
+
+    def read(w: Any) -> tuple[Any, Any]:
+        return jnp.sum(w, axis=others), jnp.sum(w * w, axis=others)
+
+    if not (centre or normalise):
+        return read(w)
+
+    def known(w: Any) -> tuple[Any, Any]:
+        sw = jnp.zeros(v.shape, w.dtype) if centre else jnp.sum(w, axis=others)
+        sww = jnp.ones(v.shape, w.dtype) if normalise else jnp.sum(w * w, axis=others)
+        return sw, sww
+
+    return jax.lax.cond(first | jnp.any(v == 0), read, known, w)
+
+
+def neuron_step(
+    p: Any, g: Any, t: Any, v: Any, sigma: Any, *, axis: int, lr: Any, beta: Any, centre: bool, normalise: bool
+) -> tuple[Any, Any, Any]:
+    """One Nero step for a neuron tensor; returns ``(new p in p's dtype, v, sigma, finite)``, ``v`` of shape
+    ``(neurons,)``. ``finite`` says the gradient's row sums are finite: it is False for NaN or Inf in ``g`` (and for
+    a row whose sum of squares overflows), found without another pass over ``g``."""
+    dtype = v.dtype
+    w, grad = p.astype(dtype), g.astype(dtype)
+    others = tuple(i for i in range(p.ndim) if i != axis)
+    n = math.prod(p.shape[i] for i in others)
+    sg, sgg, swg = (jnp.sum(x, axis=others) for x in (grad, grad * grad, w * grad))
+
+    first = t == 0
+    sw, sww = _weight_sums(w, first, v, others, centre=centre, normalise=normalise)
+    m = jnp.where(first, sw / n, 0) if centre else jnp.zeros_like(sw)
+    centred = sww - 2 * m * sw + n * m * m
+    a = jnp.where(first, _safe_reciprocal(_norm(centred)), 1) if normalise else jnp.ones_like(sw)
+    s0, q0, x0 = a * (sw - n * m), a * a * centred, a * (swg - m * sg)
+
+    if normalise:
+        start = jnp.ones_like(sigma)
+    else:
+        mean_norm = jnp.mean(_norm(q0)) if sw.shape[0] else sigma
+        start = jnp.where(mean_norm > 0, mean_norm, SIGMA_FLOOR)
+    sigma = jnp.where(first, start, sigma).astype(dtype)
+
+    t = t + 1
+    v = (beta * v + (1 - beta) * sgg).astype(dtype)
+    bias_correction = (1 - beta ** t.astype(dtype)).astype(dtype)
+    c = lr * sigma * _inverse_rms(v, bias_correction)
+
+    sr = s0 - c * sg
+    qr = q0 - 2 * c * x0 + c * c * sgg
+    mr = sr / n if centre else jnp.zeros_like(sr)
+    if centre:
+        qr = qr - sr * mr
+    s = _safe_reciprocal(_norm(qr)) if normalise else jnp.ones_like(qr)
+
+    def along(x: Any) -> Any:  # a per-row scalar, broadcast along the neuron axis
+        return jnp.expand_dims(x, others)
+
+    out = along(s) * (along(a) * (w - along(m)) - along(c) * grad - along(mr))
+    finite = jnp.all(jnp.isfinite(sg)) & jnp.all(jnp.isfinite(sgg))
+    return out.astype(p.dtype), v, sigma, finite

@@ -1,0 +1,183 @@
+"""Nero's update on torch tensors: the reference (the core rule) and the fast steady-state kernel.
+
+Per-parameter state (what ``Nero.state[p]`` holds)::
+
+    step   0-d float32 tensor on the parameter's device: updates taken (like torch Adam's ``step``)
+    v      compute dtype, shape ``(neurons,)`` for neuron tensors, the parameter's shape for bias-like ones
+    sigma  0-d compute dtype: the tensor's scale, fixed at its first update
+
+The compute dtype is float64 for float64 parameters and float32 otherwise (bf16/fp16 keep float32 state).
+
+The fast kernel is exact algebra, not an approximation. For a neuron row ``w`` with gradient ``g`` and
+``c = lr * sigma / sqrt(v_hat)``, the core rule sets ``y = w - c*g``, ``m = mean(y)``, ``s = |y - m|`` and
+``w' = (y - m) / s``. All of ``m`` and ``s`` follow from five row sums of the OLD row::
+
+    sum(y) = sum(w) - c*sum(g)
+    |y - m|^2 = |w|^2 - 2c<w, g> + c^2|g|^2 - sum(y)^2 / k
+
+A steady-state step is two phases: :func:`step_sizes` reads ``g`` once (``|g|^2``, ``sum(g)``, hence ``v`` and
+``c``; ``sum(g)`` is also the non-finite check), and :func:`apply_step` reads ``w, g`` for the other sums and writes
+``w' = (w - c*g - m) / s`` with per-row scalars; under ``torch.compile`` both happen in one loop over rows. The
+first update of a tensor (projection of the initial weights and the choice of sigma) is not in this form; it is
+left to the core rule, exactly (:func:`reference_update`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+import nero_core
+
+__all__ = ["StepSizes", "TensorSpec", "apply_step", "compute_dtype", "reference_update", "step_sizes"]
+
+
+class TensorSpec(NamedTuple):
+    """What the kernels need to know about one parameter, all of it static (no tensor values)."""
+
+    axis: int | None  # neuron axis (normalised), or None for a bias-like tensor
+    centre: bool
+    normalise: bool
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reference_update(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]], specs: list[TensorSpec], *,
+    lr: Any, beta: float, maximize: bool,
+) -> None:
+    """Call nero_core's rule on these tensors and write the result back in place (params and state).
+
+    Tensors sharing (centre, normalise) go through one core call; every parameter has its own step count.
+    """
+    for constraint in {(s.centre, s.normalise) for s in specs}:
+        idx = [i for i, s in enumerate(specs) if (s.centre, s.normalise) == constraint]
+        rule = nero_core.nero(
+            lr, beta, centre=constraint[0], normalise=constraint[1],
+            neuron_axis=[specs[i].axis for i in idx], skip_nonfinite=False,
+        )
+        ps = [params[i].detach() for i in idx]
+        gs = [-grads[i] if maximize else grads[i] for i in idx]
+        state = nero_core.NeroState(
+            tuple(states[i]["step"].to(torch.int32) for i in idx),
+            tuple(states[i]["v"] for i in idx),
+            tuple(states[i]["sigma"] for i in idx),
+            torch.zeros((), dtype=torch.int32),
+        )
+        new_params, new_state = rule.update(gs, state, ps)
+        for j, i in enumerate(idx):
+            params[i].detach().copy_(new_params[j])
+            states[i]["v"].copy_(new_state.v[j])
+            states[i]["sigma"].copy_(new_state.sigma[j])
+            states[i]["step"].add_(1)
+
+
+def _rows(x: Tensor, axis: int) -> Tensor:
+    """``x`` as ``(neurons, fan_in)``: a view when the neuron axis is 0 and ``x`` is contiguous, else a copy."""
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+class StepSizes(NamedTuple):
+    """Phase one of a steady-state update, from the gradient alone (one read of it).
+
+    ``c`` is the signed step ``lr * sigma / sqrt(v_hat)`` per row (per element for bias-like tensors);
+    ``c_sg = c*sum(g)`` and ``cc_gg = c^2 |g|^2`` per row (None for bias-like tensors). ``sg``, the row sums of
+    ``g`` (bias-like: ``g``), is finite exactly when the row holds no NaN or Inf (or sums past the dtype's
+    range), so it doubles as the non-finite check at no extra pass.
+    """
+
+    v: Tensor
+    c: Tensor
+    c_sg: Tensor | None
+    cc_gg: Tensor | None
+    sg: Tensor
+
+
+def step_sizes(
+    g: Tensor, state: dict[str, Tensor], spec: TensorSpec, *, lr: Any, beta: float, maximize: bool
+) -> StepSizes:
+    """The new ``v`` and the per-row step of one tensor; nothing is written."""
+    v, sigma = state["v"], state["sigma"]
+    g = g.to(v.dtype)
+    if spec.axis is None:
+        gg, sg = g * g, g
+    else:
+        rows = _rows(g, spec.axis)
+        gg = rows.square().sum(1) if torch.compiler.is_compiling() else torch.linalg.vector_norm(rows, dim=1).square()
+        sg = rows.sum(1)
+    v_new = beta * v + (1 - beta) * gg
+    positive = v_new > 0
+    bias_correction = 1 - beta ** (state["step"].to(v.dtype) + 1)
+    inv_rms = torch.where(positive, torch.rsqrt(torch.where(positive, v_new, 1.0) / bias_correction), 0.0)
+    c = (lr * sigma) * inv_rms * (-1.0 if maximize else 1.0)
+    if spec.axis is None:
+        return StepSizes(v_new, c, None, None, sg)
+    return StepSizes(v_new, c, c * sg, c * c * gg, sg)
+
+
+def apply_step(p: Tensor, g: Tensor, state: dict[str, Tensor], spec: TensorSpec, sizes: StepSizes,
+               finite: Tensor | None = None) -> None:
+    """Phase two: write the updated ``p`` (and ``v``, ``step``) in place, one pass over ``p`` and ``g``.
+
+    ``finite`` (a 0-d bool tensor) keeps everything as it was where False, without a host sync (for graph
+    capture); None means the caller already knows the step is taken.
+    """
+    dtype = state["v"].dtype
+    if finite is None:
+        _apply_eager(p, g, spec, sizes, dtype)
+        state["v"].copy_(sizes.v)
+        state["step"].add_(1)
+        return
+    # Traced: one expression per tensor, which inductor fuses into a single loop over rows (sums, then write).
+    w, grad = p.to(dtype), g.to(dtype)
+    if spec.axis is None:
+        new = w - sizes.c * grad
+    else:
+        dims = [d for d in range(p.ndim) if d != spec.axis]
+        sums = (w * w).sum(dims), w.sum(dims), (w * grad).sum(dims)
+        c, mean, scale = (_per_row(x, p, spec.axis) for x in _row_terms(*sums, sizes, spec, w.numel()))
+        new = (w - c * grad - mean) * scale
+    p.copy_(torch.where(finite, new, w))
+    state["v"].copy_(torch.where(finite, sizes.v, state["v"]))
+    state["step"].add_(finite.to(state["step"].dtype))
+
+
+def _apply_eager(p: Tensor, g: Tensor, spec: TensorSpec, sizes: StepSizes, dtype: torch.dtype) -> None:
+    """The eager update, with as few passes over memory as eager torch allows (in place where it can)."""
+    if spec.axis is None:
+        w = p if p.dtype == dtype else p.to(dtype)
+        w.addcmul_(sizes.c, g.to(dtype), value=-1)
+    else:
+        w, grad = _rows(p.to(dtype), spec.axis), _rows(g.to(dtype), spec.axis)
+        sums = torch.linalg.vector_norm(w, dim=1).square(), w.sum(1), (w * grad).sum(1)
+        c, mean, scale = (x[:, None] for x in _row_terms(*sums, sizes, spec, p.numel()))
+        in_place = w.data_ptr() == p.data_ptr() and spec.axis == 0 and p.is_contiguous()  # w is p, as rows
+        w = (w if in_place else w.clone()).addcmul_(grad, c, value=-1).sub_(mean).mul_(scale)
+        w = w.reshape(p.movedim(spec.axis, 0).shape).movedim(0, spec.axis)
+    if w.data_ptr() != p.data_ptr():
+        p.copy_(w)
+
+
+def _per_row(x: Tensor, p: Tensor, axis: int) -> Tensor:
+    """Reshape a ``(neurons,)`` vector so that it broadcasts along ``p``'s neuron axis."""
+    shape = [1] * p.ndim
+    shape[axis] = p.shape[axis]
+    return x.reshape(shape)
+
+
+def _row_terms(
+    ww: Tensor, sw: Tensor, wg: Tensor, sizes: StepSizes, spec: TensorSpec, numel: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``c, mean, scale`` per row with ``balanced(w - c*g) = (w - c*g - mean) * scale``, from the old row's sums."""
+    k = numel // sizes.c.shape[0]  # zero-size tensors never come here: the core rule takes them
+    sy = sw - sizes.c_sg
+    mean = sy / k if spec.centre else torch.zeros_like(sy)
+    if not spec.normalise:
+        return sizes.c, mean, torch.ones_like(sy)
+    sq = ww - 2 * sizes.c * wg + sizes.cc_gg - sy * mean  # |w - c*g - mean|^2
+    # A zero row stays zero at any finite scale; one plain use of sq lets inductor keep it in the row loop.
+    return sizes.c, mean, sq.clamp_min(torch.finfo(sq.dtype).tiny).rsqrt()

@@ -1,0 +1,1 @@
+"""The small harness every study shares: data, models, optimizers, the training loop, records and figures."""

@@ -1,0 +1,172 @@
+"""The example studies: the data loaders' fetch and checksum path, and each study's smoke run.
+
+Each study runs in-process at its hidden ``--smoke`` scale (seconds) and must write a JSON record whose numbers
+can fail: Nero at its default lr must beat chance on digits and MNIST.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+from harness import data  # noqa: E402
+
+
+def smoke(module: str, tmp_path: Path, data_dir: Path, *extra: str) -> dict:
+    """Run ``examples/<module>.py --smoke`` in-process and return its JSON record."""
+    import torch
+
+    study = importlib.import_module(module)
+    threads = str(torch.get_num_threads())  # leave the worker's thread count as it was
+    study.main(["--smoke", "--out", str(tmp_path), "--no-progress", "--data-dir", str(data_dir),
+                "--threads", threads, *extra])
+    records = sorted(tmp_path.glob("*.json"))
+    assert records, f"{module} wrote no record"
+    return json.loads(records[-1].read_text())
+
+
+def check_record(record: dict, study: str) -> None:
+    assert record["study"] == study and record["scale"] == "smoke"
+    assert record["command"].startswith("python ") and "--smoke" in record["command"]
+    assert record["versions"]["torch"] and record["versions"]["python"]
+    assert record["wall_seconds"] > 0
+    assert record["runs"], "no runs recorded"
+    for run in record["runs"]:
+        assert {"optimizer", "lr", "seed", "score", "diverged", "loss_curve", "seconds"} <= run.keys()
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+
+def test_data_dir_order(monkeypatch, tmp_path):
+    monkeypatch.setenv("NERO_DATA_DIR", str(tmp_path / "env"))
+    assert data.resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
+    assert data.resolve_data_dir() == tmp_path / "env"
+    monkeypatch.delenv("NERO_DATA_DIR")
+    assert data.resolve_data_dir() == Path.home() / ".cache" / "nero-core"
+
+
+def test_fetch_from_canonical_url_checks_sha256(monkeypatch, tmp_path, data_dir):
+    source = data_dir / "tinyshakespeare.txt"
+    if not source.is_file():
+        pytest.skip(f"{source} is not there")
+    file = dataclasses.replace(data.FILES["tinyshakespeare.txt"], url=source.as_uri())
+    monkeypatch.setitem(data.FILES, file.name, file)
+    monkeypatch.delenv("NERO_DATA_URL", raising=False)
+    path = data.data_path(file.name, tmp_path / "cache")
+    assert path == tmp_path / "cache" / file.name
+    assert path.read_bytes() == source.read_bytes()
+    assert data.sha256_of(path) == file.sha256
+
+
+def test_fetch_from_mirror_rejects_a_wrong_checksum(monkeypatch, tmp_path):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "mnist.npz").write_bytes(b"not mnist")
+    monkeypatch.setenv("NERO_DATA_URL", mirror.as_uri())
+    with pytest.raises(OSError, match=r"mnist\.npz.*sha256 .*expected 06af5dfe"):
+        data.data_path("mnist.npz", tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir()), "a file that failed its checksum was kept"
+
+
+def test_missing_file_without_a_source_names_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("NERO_DATA_URL", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"cifar10_jpeg\.npz is not in .*empty.*NERO_DATA_DIR"):
+        data.data_path("cifar10_jpeg.npz", tmp_path / "empty")
+
+
+def test_unreachable_source_names_the_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("NERO_DATA_URL", (tmp_path / "nowhere").as_uri())
+    with pytest.raises(FileNotFoundError, match=r"tinyshakespeare\.txt: could not download it from file:"):
+        data.data_path("tinyshakespeare.txt", tmp_path / "cache")
+
+
+def test_loaders(data_dir):
+    x, y, x_test, y_test = data.mnist(data_dir, train_size=100, test_size=50, flat=False)
+    assert x.shape == (100, 1, 28, 28) and x_test.shape == (50, 1, 28, 28) and int(y.max()) <= 9
+    assert abs(float(data.mnist(data_dir, train_size=5000)[0].mean())) < 0.1  # standardised
+    x, y, x_test, y_test = data.cifar10(data_dir, train_size=200, test_size=100)
+    assert x.shape == (200, 3, 32, 32) and len(set(y.tolist())) > 5  # a random draw, not one class
+    train, val, vocabulary = data.shakespeare(data_dir)
+    assert len(vocabulary) == 65 and len(train) + len(val) == 1_115_394
+    x, y, x_test, y_test = data.digits()
+    assert x.shape[1] == 64 and len(x) + len(x_test) == 1797
+
+
+# --- studies ----------------------------------------------------------------------------------------------------
+
+
+def test_compare_nero_beats_chance_on_digits(tmp_path, data_dir):
+    record = smoke("compare", tmp_path, data_dir)
+    check_record(record, "compare")
+    nero = [r for r in record["runs"] if r["optimizer"] == "nero"]
+    assert nero and all(r["lr"] == 0.01 and r["score"] > 50 for r in nero)  # chance is 10%
+    assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["mlp_mnist", "cnn_cifar10", "char_lm_shakespeare", "cgan_mnist", "ppo_cartpole"])
+def test_table1(task, tmp_path, data_dir):
+    record = smoke("table1", tmp_path, data_dir, "--task", task)
+    check_record(record, task)
+    assert {r["optimizer"] for r in record["runs"]} == {"nero", "sgd", "adam", "lamb", "muon"}
+    assert [row["optimizer"] for row in record["table"]][-1] == "nero (default lr)"
+    assert {r["seed"] for r in record["runs"]} == {0, 1}
+    if task == "mlp_mnist":
+        nero = [r for r in record["runs"] if r["optimizer"] == "nero"]
+        assert all(r["score"] > 50 for r in nero)  # chance is 10%
+    if task == "cgan_mnist":
+        assert all(r["classifier_test_accuracy"] > 50 for r in record["runs"])
+    assert (tmp_path / "table1.md").read_text().count(f"| {task} |") == 6  # five optimizers and Nero's default
+
+
+@pytest.mark.slow
+def test_deep_mlp(tmp_path, data_dir):
+    record = smoke("deep_mlp", tmp_path, data_dir)
+    check_record(record, "deep_mlp")
+    assert set(record["depths_that_train"]) == {"nero", "adam", "sgd"}
+    assert 4 in record["depths_that_train"]["nero"]  # a 4-layer MLP trains with Nero at lr 0.01
+
+
+@pytest.mark.slow
+def test_ablation(tmp_path, data_dir):
+    record = smoke("ablation", tmp_path, data_dir)
+    check_record(record, "ablation")
+    variants = {(r["options"]["centre"], r["options"]["normalise"]) for r in record["runs"]}
+    assert variants == {(True, True), (True, False), (False, True), (False, False)}
+
+
+@pytest.mark.slow
+def test_pitfall(tmp_path, data_dir):
+    record = smoke("pitfall", tmp_path, data_dir)
+    check_record(record, "pitfall")
+    nero = {r["task"]: r["score"] for r in record["runs"] if r["optimizer"] == "nero" and r["lr"] == 0.01}
+    # Nero projects the raw weights onto balanced rows at its first step: sigma cannot change the result
+    assert nero["cwn_mlp_sigma1"] == pytest.approx(nero["cwn_mlp_sigma100"], abs=1.0)
+
+
+def test_muon_takes_the_hidden_matrices_only():
+    from harness.models import CharTransformer, cnn, mlp
+    from harness.optim import hidden_matrices, muon
+
+    net = mlp(10, 8, 3, depth=4)
+    assert [p.shape for p in hidden_matrices(net)] == [(8, 8), (8, 8)]  # not the input and output layers
+    assert hidden_matrices(cnn()) == []  # conv filters are not matrices; the classifier is the output layer
+    lm = CharTransformer(65, 16, width=8, layers=1)
+    assert {p.shape for p in hidden_matrices(lm)} == {(24, 8), (8, 8), (32, 8), (8, 32)}
+    chained = muon(net, lr=0.02, adam_lr=1e-3)
+    muon_params, adam_params = ([p for g in opt.param_groups for p in g["params"]] for opt in chained.optimizers)
+    assert len(muon_params) == 2 and len(adam_params) == len(list(net.parameters())) - 2
