@@ -31,6 +31,7 @@ from ._base import (
     check_params,
     compute_dtype,
     namespace_of,
+    zeros_beside,
 )
 
 __all__ = ["AGDState", "agd", "agd_init", "weight_axes"]
@@ -142,11 +143,6 @@ def _eta_dtype(xp: Any, params: Sequence[Any]) -> Any:
     return xp.float64 if any(compute_dtype(xp, p.dtype) == xp.float64 for p in params) else xp.float32
 
 
-def _zeros(xp: Any, like: Any, dtype: Any) -> Any:
-    if is_array_api_obj(like):
-        return xp.zeros((), dtype=dtype, device=device_of(like))
-    return xp.zeros((), dtype=dtype)
-
 
 def agd(
     gain: Any = 1.0,
@@ -180,7 +176,9 @@ def agd(
         _owners(weight_axes([tuple(p.shape) for p in params], layout), attach)
         like = params[0]
         return AGDState(
-            _zeros(xp, like, _eta_dtype(xp, params)), _zeros(xp, like, xp.int32), _zeros(xp, like, xp.int32)
+            zeros_beside(xp, like, (), _eta_dtype(xp, params)),
+            zeros_beside(xp, like, (), xp.int32),
+            zeros_beside(xp, like, (), xp.int32),
         )
 
     def update(grads: Sequence[Any], state: AGDState, params: Sequence[Any]) -> tuple[list[Any], AGDState]:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace, is_array_api_obj
+from array_api_compat import device as device_of
 
 __all__ = [
     "Optimizer",
@@ -15,6 +16,7 @@ __all__ = [
     "check_params",
     "compute_dtype",
     "namespace_of",
+    "zeros_beside",
 ]
 
 
@@ -82,3 +84,10 @@ def compute_dtype(xp: Any, dtype: Any) -> Any:
     if dtype == xp.float64:
         return xp.float64
     return xp.float32
+
+
+def zeros_beside(xp: Any, like: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """Zeros on ``like``'s device; ``like`` may be a shape-only struct, which has no device to follow."""
+    if is_array_api_obj(like):
+        return xp.zeros(shape, dtype=dtype, device=device_of(like))
+    return xp.zeros(shape, dtype=dtype)

@@ -20,8 +20,6 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from array_api_compat import device as device_of
-from array_api_compat import is_array_api_obj
 
 from ._base import (
     Optimizer,
@@ -30,6 +28,7 @@ from ._base import (
     check_params,
     compute_dtype,
     namespace_of,
+    zeros_beside,
 )
 from ._neurons import NeuronAxis, as_rows, balanced_rows, from_rows, neuron_axes, row_norm, row_sum
 
@@ -52,11 +51,6 @@ class NeroState(NamedTuple):
     sigma: tuple[Any, ...]
     skipped: Any
 
-
-def _create(xp: Any, p: Any, shape: tuple[int, ...], dtype: Any) -> Any:
-    if is_array_api_obj(p):
-        return xp.zeros(shape, dtype=dtype, device=device_of(p))
-    return xp.zeros(shape, dtype=dtype)
 
 
 def _state_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
@@ -168,10 +162,10 @@ def nero(
         count, v, sigma = [], [], []
         for p, axis in zip(params, axes):
             dtype = compute_dtype(xp, p.dtype)
-            count.append(_create(xp, p, (), xp.int32))
-            v.append(_create(xp, p, _state_shape(tuple(p.shape), axis), dtype))
-            sigma.append(_create(xp, p, (), dtype))
-        skipped = _create(xp, params[0], (), xp.int32) if params else xp.zeros((), dtype=xp.int32)
+            count.append(zeros_beside(xp, p, (), xp.int32))
+            v.append(zeros_beside(xp, p, _state_shape(tuple(p.shape), axis), dtype))
+            sigma.append(zeros_beside(xp, p, (), dtype))
+        skipped = zeros_beside(xp, params[0], (), xp.int32) if params else xp.zeros((), dtype=xp.int32)
         return NeroState(tuple(count), tuple(v), tuple(sigma), skipped)
 
     def update(grads: Sequence[Any], state: NeroState, params: Sequence[Any]) -> tuple[list[Any], NeroState]:

@@ -33,9 +33,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from array_api_compat import device as device_of
-from array_api_compat import is_array_api_obj
 
 from ._base import Optimizer, check_gradients, check_hyperparameter, check_params, compute_dtype, namespace_of
+from ._base import zeros_beside
 
 __all__ = ["StarState", "factored_axes", "load_star_config", "load_star_params", "star"]
 
@@ -220,11 +220,6 @@ def _update_tensor(p, g, t, m, v, row, col, w, *, step_mult, nominal_stepsize, w
     return keep * x - step - nominal_step, m, v, row, col
 
 
-def _create(xp: Any, p: Any, shape: tuple[int, ...], dtype: Any) -> Any:
-    if is_array_api_obj(p):
-        return xp.zeros(shape, dtype=dtype, device=device_of(p))
-    return xp.zeros(shape, dtype=dtype)
-
 
 def _all_finite(grads: Sequence[Any], xp: Any) -> Any:
     finite = xp.asarray(True)
@@ -282,13 +277,13 @@ def star(
             dtype = compute_dtype(xp, p.dtype)
             shape = tuple(p.shape)
             row_shape, col_shape = _accumulator_shapes(shape)
-            m.append(_create(xp, p, (3, *shape), dtype))
-            v.append(_create(xp, p, shape, dtype))
-            row.append(_create(xp, p, row_shape, dtype))
-            col.append(_create(xp, p, col_shape, dtype))
+            m.append(zeros_beside(xp, p, (3, *shape), dtype))
+            v.append(zeros_beside(xp, p, shape, dtype))
+            row.append(zeros_beside(xp, p, row_shape, dtype))
+            col.append(zeros_beside(xp, p, col_shape, dtype))
         first = params[0] if params else None
-        count = _create(xp, first, (), xp.int32)
-        return StarState(count, tuple(m), tuple(v), tuple(row), tuple(col), _create(xp, first, (), xp.int32))
+        count = zeros_beside(xp, first, (), xp.int32)
+        return StarState(count, tuple(m), tuple(v), tuple(row), tuple(col), zeros_beside(xp, first, (), xp.int32))
 
     def update(grads: Sequence[Any], state: StarState, params: Sequence[Any]) -> tuple[list[Any], StarState]:
         grads, params = list(grads), list(params)
