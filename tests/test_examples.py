@@ -158,6 +158,33 @@ def test_pitfall(tmp_path, data_dir):
     assert nero["cwn_mlp_sigma1"] == pytest.approx(nero["cwn_mlp_sigma100"], abs=1.0)
 
 
+@pytest.mark.slow
+def test_agd_depth(tmp_path, data_dir):
+    record = smoke("agd_depth", tmp_path, data_dir)
+    check_record(record, "agd_depth")
+    runs = {(r["task"], r["optimizer"], r["lr"]) for r in record["runs"]}
+    for task in ("mnist_depth2", "mnist_depth4", "cifar10_depth2", "cifar10_depth4"):
+        assert {(task, "agd", 1.0), (task, "adam", 1e-3), (task, "sgd", 0.1)} <= runs
+    agd = {r["task"]: r["score"] for r in record["runs"] if r["optimizer"] == "agd"}
+    assert agd["mnist_depth2"] > 30  # AGD, untuned, beats chance (10%) within 20 steps
+    assert [row["dataset"] for row in record["table"]] == ["mnist", "mnist", "cifar10", "cifar10"]
+    assert (tmp_path / "agd_depth.png").stat().st_size > 0
+
+
+def test_agd_network_starts_from_agd_init():
+    import agd_depth
+    import torch
+
+    torch.manual_seed(0)
+    model = agd_depth.network(12, 8, depth=3)
+    weights = [m.weight.detach().double() for m in model if isinstance(m, torch.nn.Linear)]
+    assert [tuple(w.shape) for w in weights] == [(8, 12), (8, 8), (10, 8)]
+    for w in weights:  # orthogonal times sv(W) = sqrt(out / in): every singular value equals it
+        expected = (w.shape[0] / w.shape[1]) ** 0.5
+        assert torch.allclose(torch.linalg.svdvals(w), torch.full((min(w.shape),), expected, dtype=w.dtype))
+    assert all(m.bias is None for m in model if isinstance(m, torch.nn.Linear))
+
+
 def test_muon_takes_the_hidden_matrices_only():
     from harness.models import CharTransformer, cnn, mlp
     from harness.optim import hidden_matrices, muon

@@ -86,6 +86,70 @@ def test_fused_compiled_kernel_matches_core_rule(dtype):
     assert max_deviation(train("cnn", dtype, fused=True), train("cnn", dtype, foreach=False)) <= TOLERANCE[dtype]
 
 
+@pytest.fixture
+def native_calls(monkeypatch):
+    """How many steps the C kernel of ``fused=True`` took (skipped where no C compiler can build it)."""
+    from nero_torch import _native
+
+    if _native.library() is None:
+        pytest.skip("no C compiler: Nero(fused=True) uses its torch kernels")
+    calls = []
+    apply = _native.apply
+    monkeypatch.setattr(_native, "apply", lambda *a, **k: calls.append(1) or apply(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("model", ["mlp", "transformer"])
+def test_native_cpu_kernel_matches_core_rule(model, dtype, native_calls):
+    assert max_deviation(train(model, dtype, fused=True), train(model, dtype, foreach=False)) <= TOLERANCE[dtype]
+    assert len(native_calls) == STEPS - 1  # every step after the first (the core rule's projection)
+
+
+@pytest.mark.parametrize("options", [dict(centre=False), dict(normalise=False), dict(centre=False, normalise=False),
+                                     dict(maximize=True), dict(lr=torch.tensor(0.03), beta=0.9)])
+def test_native_cpu_kernel_options(options, native_calls):
+    expected = train("mlp", torch.float64, foreach=False, **options)
+    assert max_deviation(train("mlp", torch.float64, fused=True, **options), expected) <= TOLERANCE[torch.float64]
+    assert native_calls
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 3e30])  # 3e30: its square overflows
+def test_native_cpu_kernel_skips_a_nonfinite_step_whole(bad, native_calls):
+    torch.manual_seed(0)
+    model = mlp()
+    opt = nero_torch.Nero(model.parameters(), fused=True)
+    x, y = torch.randn(16, 12), torch.randint(0, 5, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {k: {n: t.clone() for n, t in s.items()} for k, s in enumerate(opt.state.values())}
+    model[2].weight.grad[3, 5] = bad  # one entry of one gradient; the others are fine
+    opt.step()
+    assert opt.skipped_steps == 1 and len(native_calls) == 2
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    for k, s in enumerate(opt.state.values()):
+        assert all(torch.equal(state[k][n], t) for n, t in s.items())
+
+
+def test_without_a_compiler_fused_falls_back_to_torch_kernels(monkeypatch, tmp_path):
+    from nero_torch import _native
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("NERO_KERNEL_CACHE", str(tmp_path))
+    _native.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"Nero\(fused=True\): could not build the CPU kernel"):
+            assert _native.library() is None
+        monkeypatch.setattr(_native, "apply", lambda *a, **k: pytest.fail("the C kernel ran"))
+        got = train("mlp", torch.float64, fused=True)  # the compiled torch kernels instead
+    finally:
+        _native.library.cache_clear()
+    assert max_deviation(got, train("mlp", torch.float64, foreach=False)) <= TOLERANCE[torch.float64]
+
+
 @pytest.mark.parametrize("foreach", [False, None])
 def test_bfloat16_parameters_keep_float32_state_and_track_float32(foreach):
     torch.manual_seed(0)
@@ -109,7 +173,8 @@ def test_maximize_ascends_exactly_as_minimizing_the_negative():
     def run(maximize: bool, foreach):
         torch.manual_seed(0)
         model = mlp()
-        opt = nero_torch.Nero(model.parameters(), maximize=maximize, foreach=foreach)
+        fast = dict(fused=True) if foreach == "fused" else dict(foreach=foreach)
+        opt = nero_torch.Nero(model.parameters(), maximize=maximize, **fast)
         x = torch.randn(16, 12)
         for _ in range(5):
             opt.zero_grad()
@@ -118,6 +183,6 @@ def test_maximize_ascends_exactly_as_minimizing_the_negative():
             opt.step()
         return [p.detach() for p in model.parameters()]
 
-    for foreach in (False, None):
+    for foreach in (False, None, "fused"):
         for a, b in zip(run(True, foreach), run(False, foreach)):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

@@ -5,16 +5,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ActorCritic", "CentredWeightNormLinear", "CharTransformer", "Discriminator", "Generator", "cnn", "mlp"]
+__all__ = [
+    "ActorCritic", "CentredWeightNormLinear", "CharTransformer", "Discriminator", "Generator", "ScaledReLU", "cnn", "mlp",
+]
 
 
-def mlp(inputs: int, width: int, outputs: int, *, depth: int = 3, linear=nn.Linear) -> nn.Sequential:
-    """``depth`` linear layers with ReLU between them; no normalisation, no skips."""
+def mlp(inputs: int, width: int, outputs: int, *, depth: int = 3, linear=nn.Linear,
+        activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """``depth`` linear layers with ``activation`` (ReLU) between them; no normalisation, no skips."""
     sizes = [inputs] + [width] * (depth - 1) + [outputs]
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers += [linear(a, b)] + ([nn.ReLU()] if i < depth - 1 else [])
+        layers += [linear(a, b)] + ([activation()] if i < depth - 1 else [])
     return nn.Sequential(*layers)
+
+
+class ScaledReLU(nn.Module):
+    """``sqrt(2) * relu(x)``: keeps the signal's scale through depth under orthogonal weights (AGD's network)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) * 2.0**0.5
 
 
 def cnn(channels: tuple[int, ...] = (16, 32, 64), classes: int = 10, in_channels: int = 3, size: int = 32):

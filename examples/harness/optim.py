@@ -12,7 +12,9 @@ import nero_torch
 import torch
 from torch import nn
 
-__all__ = ["LR_GRID", "NERO_DEFAULT_LR", "OPTIMIZERS", "Chain", "hidden_matrices", "make_optimizer", "muon", "nero"]
+__all__ = [
+    "LR_GRID", "NERO_DEFAULT_LR", "OPTIMIZERS", "Chain", "agd", "hidden_matrices", "make_optimizer", "muon", "nero",
+]
 
 LR_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 NERO_DEFAULT_LR = 0.01
@@ -66,6 +68,12 @@ def muon(model: nn.Module, lr: float, adam_lr: float) -> Chain:
     return Chain(*optimizers)
 
 
+def agd(model: nn.Module, lr: float = 1.0) -> torch.optim.Optimizer:
+    """nero_torch.AGD over ``model``'s parameters in forward order. AGD has no learning rate: the ``lr`` slot is
+    its gain (1 is the paper's AGD)."""
+    return nero_torch.AGD(model.parameters(), gain=lr)
+
+
 def lamb(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     from pytorch_optimizer import Lamb
 
@@ -78,6 +86,7 @@ OPTIMIZERS: dict[str, Callable[..., object]] = {
     "adam": lambda model, lr: torch.optim.Adam(model.parameters(), lr=lr),
     "lamb": lamb,
     "muon": muon,
+    "agd": agd,
 }
 
 
