@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -70,9 +71,11 @@ def check_gradients(xp: Any, grads: Sequence[Any], params: Sequence[Any]) -> Non
 
 
 def check_hyperparameter(name: str, value: Any, *, low: float, high: float, high_open: bool) -> None:
-    """Check a Python-number hyperparameter; arrays (traced or scheduled) are taken as given."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
+    """Check a number (Python or NumPy scalar) against its range; arrays (traced or scheduled) are taken as given."""
+    if not isinstance(value, numbers.Real):
+        if is_array_api_obj(value):
+            return
+        raise TypeError(f"{name} must be a number or a 0-d array, got {value!r}")
     bad = not math.isfinite(value) or value < low or (value >= high if high_open else value > high)
     if bad:
         bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"

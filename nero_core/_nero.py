@@ -43,7 +43,7 @@ class NeroState(NamedTuple):
     count:   0-d int32, updates taken so far (skipped steps excluded).
     v:       float, shape ``(neurons,)`` for neuron tensors, the parameter's shape for bias-like ones.
     sigma:   0-d float, the tensor's scale, fixed at its first update.
-    skipped: 0-d int32, updates skipped for the whole set because a gradient was not finite.
+    skipped: 0-d int32, updates skipped for the whole set because a gradient (or its square) was not finite.
     """
 
     count: tuple[Any, ...]
@@ -106,10 +106,10 @@ def _update_elementwise(p: Any, g: Any, t: Any, v: Any, sigma: Any, *, lr: Any, 
     return x, v, sigma
 
 
-def _all_finite(grads: Sequence[Any], xp: Any) -> Any:
+def _all_finite(arrays: Sequence[Any], xp: Any) -> Any:
     finite = xp.asarray(True)
-    for g in grads:
-        finite = xp.logical_and(finite, xp.all(xp.isfinite(g)))
+    for a in arrays:
+        finite = xp.logical_and(finite, xp.all(xp.isfinite(a)))
     return finite
 
 
@@ -145,8 +145,9 @@ def nero(
         normalise: keep every neuron's weights unit-norm.
         neuron_axis: which axis indexes neurons: an int for every tensor, None (all bias-like), a sequence
             with one entry per parameter, or a callable ``shape -> int | None``.
-        skip_nonfinite: when any gradient holds NaN or Inf, leave parameters and state exactly as they
-            were and count the step in ``state.skipped``. When False, non-finite values propagate.
+        skip_nonfinite: when any gradient holds NaN or Inf (or is so large that its square overflows the state's
+            dtype), leave parameters and state exactly as they were and count the step in ``state.skipped``.
+            When False, non-finite values propagate.
 
     Returns:
         An :class:`Optimizer` pair ``(init, update)``.
@@ -190,7 +191,9 @@ def nero(
         new_state = NeroState(tuple(new_count), tuple(new_v), tuple(new_sigma), state.skipped)
         if not skip_nonfinite:
             return new_params, new_state
-        finite = _all_finite(grads, xp)
+        # NaN or Inf in a gradient reaches its v, and so does a finite gradient whose square overflows the state's
+        # dtype: checking the new v (one entry per neuron) catches both without another pass over the gradients.
+        finite = _all_finite(new_v, xp)
 
         def keep(new: Any, old: Any) -> Any:
             return xp.where(finite, new, old)

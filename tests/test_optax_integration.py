@@ -240,7 +240,7 @@ def test_update_without_params_says_so():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"), [(dict(learning_rate=-1.0), "lr must be"), (dict(beta=1.0), "beta must")]
+    ("kwargs", "message"), [(dict(learning_rate=-1.0), "learning_rate must be"), (dict(beta=1.0), "beta must")]
 )
 def test_bad_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -210,3 +210,19 @@ def test_param_groups_leave_a_tied_head_unconstrained():
     tied = [g for g in groups for name, _ in g["params"] if name == "emb.weight"]
     assert len(tied) == 1 and tied[0]["centre"] is False
     assert sum(p is model.emb.weight for g in groups for _, p in g["params"]) == 1
+
+
+@pytest.mark.parametrize("fast", [dict(), dict(foreach=False), dict(fused=True)])
+def test_a_group_without_gradients_is_left_alone(fast):
+    torch.manual_seed(0)
+    frozen, trained = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    opt = nero_torch.Nero([{"params": frozen.parameters()}, {"params": trained.parameters()}], **fast)
+    before = [p.detach().clone() for p in frozen.parameters()]
+    for _ in range(3):
+        opt.zero_grad()
+        trained(torch.randn(8, 4)).square().mean().backward()  # no gradient reaches ``frozen``
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen.parameters()))
+    assert not any(p in opt.state for p in frozen.parameters())
+    assert all(float(opt.state[p]["step"]) == 3 for p in trained.parameters())
+    assert torch.allclose(trained.weight.norm(dim=1), torch.ones(3))

@@ -8,8 +8,9 @@
 """
 
 from ._axes import flax_neuron_axis
+from ._checkpoint import restore_state
 from ._transform import NeroState, nero
 from .agd import AGDState, agd, agd_init
 from .star import star
 
-__all__ = ["AGDState", "NeroState", "agd", "agd_init", "flax_neuron_axis", "nero", "star"]
+__all__ = ["AGDState", "NeroState", "agd", "agd_init", "flax_neuron_axis", "nero", "restore_state", "star"]

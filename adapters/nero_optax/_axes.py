@@ -17,7 +17,7 @@ import optax
 
 import nero_core
 
-__all__ = ["NeuronAxisTree", "check_floating", "flax_neuron_axis", "leaf_neuron_axes"]
+__all__ = ["NeuronAxisTree", "check_floating", "check_shapes", "flax_neuron_axis", "leaf_neuron_axes"]
 
 NeuronAxisTree = Union[int, None, Any, Callable[[tuple[Any, ...], Any], Union[int, None]]]
 
@@ -38,6 +38,15 @@ def check_floating(paths: Sequence[tuple[Any, ...]], leaves: Sequence[Any], what
                 "tree to trainable float arrays (eqx.filter(model, eqx.is_inexact_array)) or leave the others "
                 "out with optax.masked / optax.partition"
             )
+
+
+def check_shapes(
+    paths: Sequence[tuple[Any, ...]], leaves: Sequence[Any], shapes: Sequence[tuple[int, ...]], what: str, why: str
+) -> None:
+    """Every leaf must have exactly its expected shape (no broadcasting); ``why`` says where that shape comes from."""
+    for path, leaf, shape in zip(paths, leaves, shapes):
+        if tuple(leaf.shape) != tuple(shape):
+            raise ValueError(f"{what} leaf {_name(path)} has shape {tuple(leaf.shape)} but needs {tuple(shape)}, {why}")
 
 
 def _is_function(neuron_axis: Any) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -9,8 +10,9 @@ import jax.numpy as jnp
 import optax
 
 import nero_core
+from nero_core._base import check_hyperparameter
 
-from ._axes import NeuronAxisTree, check_floating, leaf_neuron_axes
+from ._axes import NeuronAxisTree, check_floating, check_shapes, leaf_neuron_axes
 from ._fused import neuron_step
 
 __all__ = ["NeroState", "nero"]
@@ -31,6 +33,11 @@ class NeroState(NamedTuple):
     v: Any
     sigma: Any
     skipped: Any
+
+
+def _state_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
+    """The shape of a leaf's ``v``: one entry per neuron, or one per element for a bias-like leaf."""
+    return tuple(shape) if axis is None else (shape[axis],)
 
 
 def _paths_and_leaves(tree: Any) -> tuple[list, list]:
@@ -105,7 +112,9 @@ def nero(
     Returns:
         An ``optax.GradientTransformation``.
     """
-    nero_core.nero(learning_rate, beta)  # checks the hyperparameters now, not at the first update
+    # Checked now, not at the first update, and by the names users pass.
+    check_hyperparameter("learning_rate", learning_rate, low=0.0, high=math.inf, high_open=False)
+    check_hyperparameter("beta", beta, low=0.0, high=1.0, high_open=True)
     hyper = dict(lr=learning_rate, beta=beta, centre=centre, normalise=normalise)
 
     def init(params: Any) -> NeroState:
@@ -132,14 +141,24 @@ def nero(
         treedef = jax.tree.structure(params)
         if jax.tree.structure(updates) != treedef:
             raise ValueError(f"grads do not match params: {jax.tree.structure(updates)} vs {treedef}")
+        if not isinstance(state, NeroState):
+            raise TypeError(
+                f"state must be the NeroState that nero_optax.nero's init returns (or nero_optax.restore_state gives "
+                f"for a checkpoint), got {type(state).__name__}"
+            )
         paths, ps = _paths_and_leaves(params)
         gs = jax.tree.leaves(updates)
         check_floating(paths, ps)
         check_floating(paths, gs, what="grads")
+        check_shapes(paths, gs, [p.shape for p in ps], "grads", "the shape of its parameter")
         axes = leaf_neuron_axes(neuron_axis, params)
         vs, sigmas = jax.tree.leaves(state.v), jax.tree.leaves(state.sigma)
         if len(vs) != len(ps):
             raise ValueError(f"state holds {len(vs)} leaves but params have {len(ps)}: init it with these params")
+        check_shapes(
+            paths, vs, [_state_shape(p.shape, a) for p, a in zip(ps, axes)], "state.v",
+            "for these params: init the state with them, or load a checkpoint with nero_optax.restore_state",
+        )
         step = _fused_step if fused else _core_step
         new_ps, count, vs, sigmas, skipped = step(ps, gs, state.count, vs, sigmas, state.skipped, axes=axes, **hyper)
         new_updates = [(new - p).astype(p.dtype) for new, p in zip(new_ps, ps)]
@@ -170,7 +189,7 @@ def _fused_step(ps, gs, count, vs, sigmas, skipped, *, axes, **hyper):
         out, state = rule.update([gs[i] for i in bias], state, [ps[i] for i in bias])
         for k, i in enumerate(bias):
             new_ps[i], new_vs[i], new_sigmas[i] = out[k], state.v[k], state.sigma[k]
-    finite = [jnp.all(jnp.isfinite(gs[i])) for i in bias]
+    finite = [jnp.all(jnp.isfinite(new_vs[i])) for i in bias]  # NaN, Inf or an overflowing square reaches v
     for i, axis in enumerate(axes):
         if axis is not None:
             new_ps[i], new_vs[i], new_sigmas[i], ok = neuron_step(

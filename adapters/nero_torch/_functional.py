@@ -16,7 +16,7 @@ The fast kernel is exact algebra, not an approximation. For a neuron row ``w`` w
     |y - m|^2 = |w|^2 - 2c<w, g> + c^2|g|^2 - sum(y)^2 / k
 
 A steady-state step is two phases: :func:`step_sizes` reads ``g`` once (``|g|^2``, ``sum(g)``, hence ``v`` and
-``c``; ``sum(g)`` is also the non-finite check), and :func:`apply_step` reads ``w, g`` for the other sums and writes
+``c``; the new ``v`` is also the non-finite check), and :func:`apply_step` reads ``w, g`` for the other sums and writes
 ``w' = (w - c*g - m) / s`` with per-row scalars; under ``torch.compile`` both happen in one loop over rows. The
 first update of a tensor (projection of the initial weights and the choice of sigma) is not in this form; it is
 left to the core rule, exactly (:func:`reference_update`).
@@ -31,7 +31,9 @@ from torch import Tensor
 
 import nero_core
 
-__all__ = ["StepSizes", "TensorSpec", "apply_step", "compute_dtype", "reference_update", "step_sizes"]
+__all__ = [
+    "StepSizes", "TensorSpec", "apply_step", "compute_dtype", "reference_update", "squared_norms", "step_sizes",
+]
 
 
 class TensorSpec(NamedTuple):
@@ -81,13 +83,20 @@ def _rows(x: Tensor, axis: int) -> Tensor:
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
+def squared_norms(g: Tensor, spec: TensorSpec) -> Tensor:
+    """``|g_row|^2`` per row (bias-like: ``g*g``) in the state's dtype: finite exactly when ``g`` holds no NaN or
+    Inf and its squares fit that dtype, the check for a tensor that has no :class:`StepSizes`."""
+    g = g.to(compute_dtype(g.dtype))
+    return g * g if spec.axis is None else g.movedim(spec.axis, 0).flatten(1).square().sum(1)  # rows, even none
+
+
 class StepSizes(NamedTuple):
     """Phase one of a steady-state update, from the gradient alone (one read of it).
 
     ``c`` is the signed step ``lr * sigma / sqrt(v_hat)`` per row (per element for bias-like tensors);
-    ``c_sg = c*sum(g)`` and ``cc_gg = c^2 |g|^2`` per row (None for bias-like tensors). ``sg``, the row sums of
-    ``g`` (bias-like: ``g``), is finite exactly when the row holds no NaN or Inf (or sums past the dtype's
-    range), so it doubles as the non-finite check at no extra pass.
+    ``c_sg = c*sum(g)`` and ``cc_gg = c^2 |g|^2`` per row (None for bias-like tensors); ``sg`` is the row sums of
+    ``g`` (bias-like: ``g``). The new ``v`` is finite exactly when the row holds no NaN or Inf and its squares fit
+    the state's dtype, so it doubles as the non-finite check at no extra pass.
     """
 
     v: Tensor
@@ -116,7 +125,8 @@ def step_sizes(
     c = (lr * sigma) * inv_rms * (-1.0 if maximize else 1.0)
     if spec.axis is None:
         return StepSizes(v_new, c, None, None, sg)
-    return StepSizes(v_new, c, c * sg, c * c * gg, sg)
+    # (c*|g|)^2, not c*c*|g|^2: for gradients near 1e-25, c ~ lr/|g| squares past float32's range
+    return StepSizes(v_new, c, c * sg, (c * gg.sqrt()).square(), sg)
 
 
 def apply_step(p: Tensor, g: Tensor, state: dict[str, Tensor], spec: TensorSpec, sizes: StepSizes,

@@ -32,10 +32,10 @@
             _Pragma("omp parallel for num_threads(threads) schedule(static) reduction(&& : finite) if(n * k > 65536)") \
             for (int64_t r = 0; r < n; ++r) {                                                                \
                 const T *row = g + r * k;                                                                    \
-                double s2 = 0.0;                                                                             \
+                T s2 = 0; /* in T, as the core rule sums: the vector lanes keep partial sums */               \
                 _Pragma("omp simd reduction(+ : s2)")                                                       \
-                for (int64_t i = 0; i < k; ++i) s2 += (double)row[i] * (double)row[i];                       \
-                const T v_row = (T)(beta * (double)v[r] + decay * s2);                                       \
+                for (int64_t i = 0; i < k; ++i) s2 += row[i] * row[i];                                       \
+                const T v_row = (T)(beta * (double)v[r] + decay * (double)s2);                               \
                 out[r] = (double)v_row;                                                                      \
                 finite = finite && isfinite(v_row);                                                          \
             }                                                                                                \
@@ -71,10 +71,10 @@
                     for (int64_t i = 0; i < k; ++i) w[i] -= step_size * d[i];                                \
                     continue;                                                                                \
                 }                                                                                            \
-                double s1 = 0, s2 = 0;                                                                       \
+                T s1 = 0, s2 = 0;                                                                            \
                 _Pragma("omp simd reduction(+ : s1, s2)")                                                   \
                 for (int64_t i = 0; i < k; ++i) {                                                            \
-                    const double y = (double)(w[i] - step_size * d[i]);                                      \
+                    const T y = w[i] - step_size * d[i];                                                     \
                     s1 += y;                                                                                 \
                     s2 += y * y;                                                                             \
                 }                                                                                            \

@@ -11,7 +11,10 @@ from torch import Tensor
 
 from nero_core._neurons import neuron_axis_of
 
-from ._functional import StepSizes, TensorSpec, apply_step, compute_dtype, reference_update, step_sizes
+from . import _dtensor, _native
+from ._functional import (
+    StepSizes, TensorSpec, apply_step, compute_dtype, reference_update, squared_norms, step_sizes,
+)
 
 __all__ = ["Nero"]
 
@@ -53,10 +56,17 @@ class Nero(torch.optim.Optimizer):
         maximize: ascend the objective instead.
         foreach: None or True: the fast path (exact algebra, see ``_functional``); False: call the
             array-API core rule ``nero_core.nero`` on the tensors (the reference, slower).
-        fused: True: run the fast path of neuron tensors as ``torch.compile``'d kernels (inductor fuses the
-            row sums and the write into one loop over rows). Start-up cost: compilation on the first
-            steady-state step, once per tensor rank, dtype and device (sizes are dynamic): 17 s single-threaded
-            for a GPT-2-like model on a 2-core CPU, up to a minute on a loaded one. Not with ``foreach=True``.
+        fused: True: the fastest kernels. On CPU (eager, float32/float64, contiguous parameters with their
+            neurons on axis 0, as ``Linear``, ``Conv*d`` and ``Embedding`` have them) a C kernel does the whole
+            step in two passes, one reading the gradients and one reading and writing each row while it is in
+            cache, with torch's thread count (built with the system's C compiler on first use, about a second,
+            then cached; see ``nero_torch._native``). Elsewhere (CUDA, under ``torch.compile``, other layouts)
+            the fast path of neuron tensors runs as ``torch.compile``'d kernels: compilation on the first
+            steady-state step, once per tensor rank, dtype and device (sizes are dynamic), 17 s single-threaded
+            for a GPT-2-like model on a 2-core CPU. Not with ``foreach=True``.
+
+    DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) are updated on their local shards, with no
+    communication where each neuron's row lies on one rank (see ``nero_torch._dtensor`` for the other layouts).
 
     Non-finite gradients: when any gradient of any group holds NaN or Inf, the whole step is skipped
     (parameters and state, step counts included, unchanged) and :attr:`skipped_steps` counts it; the count is
@@ -98,6 +108,7 @@ class Nero(torch.optim.Optimizer):
             offset = sum(len(g["params"]) for g in self.param_groups[:-1])
             for i, p in enumerate(group["params"]):
                 _check_param(p, group, _name(group, i, p, offset + i))
+                _dtensor.check_param(p, _spec(p, group), _name(group, i, p, offset + i))
         except Exception:
             self.param_groups.pop()
             raise
@@ -115,9 +126,11 @@ class Nero(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load after checking every parameter's state against its shape; on any error nothing changes.
+        """Load after checking that the groups are Nero's and every parameter's state has its shape, a real
+        floating dtype and finite values; on any error nothing changes.
 
-        ``v`` and ``sigma`` are kept in the compute dtype (float32 for bf16/fp16 parameters), not downcast.
+        ``v`` and ``sigma`` are cast to the compute dtype (float32 for bf16/fp16/fp32 parameters, float64 for fp64),
+        as torch casts optimizer state to its parameter, so a checkpoint moves between precisions.
         """
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
@@ -136,9 +149,17 @@ class Nero(torch.optim.Optimizer):
                 if state_dict["state"].get(key):
                     kept[p] = _checked_state(p, state_dict["state"][key], _spec(p, merged), name)
             index += len(group["params"])
+        for j, saved in enumerate(saved_groups):  # another optimizer's groups, even where it has no state yet
+            missing = _NERO_OPTIONS - set(saved)
+            if missing:
+                raise ValueError(
+                    f"loaded state dict is not Nero's: its parameter group {j} lacks {sorted(missing)} "
+                    "(a state dict of another optimizer?)"
+                )
+        skipped = _skipped_count(state_dict.get("skipped_steps", 0))
         super().load_state_dict(state_dict)
         self.state.update(kept)
-        self._skipped = torch.as_tensor(state_dict.get("skipped_steps", 0), dtype=torch.int64).clone()
+        self._skipped = skipped
 
     # ---- the step -----------------------------------------------------------------------------------------
 
@@ -153,14 +174,22 @@ class Nero(torch.optim.Optimizer):
         for group in self.param_groups:
             offsets.append(offsets[-1] + len(group["params"]))
         work = [self._gather(group, offset) for group, offset in zip(self.param_groups, offsets)]
-        if not any(params for _, params, _, _ in work):
+        work, sharded = _dtensor.split_off(work, self.state)  # DTensor parameters (FSDP2, tensor parallel)
+        if not any(params for _, params, _, _ in work) and sharded is None:
+            return loss
+        if sharded is None and self._native_step(work):
             return loss
         # Phase one: per-row step sizes from the gradients of initialised tensors on the fast path; the
         # finiteness of every gradient (all groups) is known before anything is written.
         sizes = [self._step_sizes(*w) for w in work]
-        checks = [s.sg if s is not None else g for (_, _, grads, _), ss in zip(work, sizes) for g, s in zip(grads, ss)]
+        checks = [  # the new v: NaN or Inf in a gradient reaches it, and so does a square past the state's dtype
+            s.v if s is not None else squared_norms(g, spec)
+            for (_, _, grads, specs), ss in zip(work, sizes) for g, spec, s in zip(grads, specs, ss)
+        ]
+        if sharded is not None:
+            checks += sharded.prepare(checks)  # every collective happens here, on every rank
         finite = _all_finite(checks)
-        by_core = any(s is None for ss in sizes for s in ss)
+        by_core = sharded is not None or any(s is None for ss in sizes for s in ss)
         if by_core or not torch.compiler.is_compiling():
             if not bool(finite):  # a host sync: once per step in eager mode; branch-free under torch.compile
                 self._skipped += 1
@@ -170,7 +199,39 @@ class Nero(torch.optim.Optimizer):
             self._skipped.add_((~finite).to(self._skipped.device, torch.int64))
         for (group, params, grads, specs), ss in zip(work, sizes):
             self._apply(group, params, grads, specs, ss, finite)
+        if sharded is not None:
+            sharded.apply(self.state)
         return loss
+
+    def _native_step(self, work) -> bool:
+        """The whole step by the C kernel (``fused=True`` on CPU, eager), or False where it does not apply: a
+        tensor on another device or of another dtype, not yet initialised, not contiguous, or with its neurons
+        on an axis other than 0."""
+        if torch.compiler.is_compiling():
+            return False
+        entries = []
+        for group, params, grads, specs in work:
+            for p, g, spec in zip(params, grads, specs):
+                state = self.state.get(p)
+                if not (group["fused"] and state and _native_fits(p, g, spec)):
+                    return False
+                entries.append((group, p, g, spec, state))
+        if _native.library() is None:
+            return False
+        batches = []
+        for dtype in {p.dtype for _, p, _, _, _ in entries}:
+            mine = [e for e in entries if e[1].dtype == dtype]
+            shapes = [(p.shape[0], p.numel() // p.shape[0]) if s.axis == 0 else (p.numel(), 1) for _, p, _, s, _ in mine]
+            batch = _native.Batch([g for _, _, g, _, _ in mine], [st for *_, st in mine], shapes,
+                                  [group["beta"] for group, *_ in mine])
+            batches.append((batch, mine))
+        if not all([_native.new_v(batch) for batch, _ in batches]):  # every batch's check, then the verdict
+            self._skipped += 1
+            return True
+        for batch, mine in batches:
+            _native.apply(batch, [p.detach() for _, p, _, _, _ in mine], [_native_flags(s) for _, _, _, s, _ in mine],
+                          [float(g["lr"]) * (-1.0 if g["maximize"] else 1.0) for g, *_ in mine])
+        return True
 
     def _step_sizes(self, group, params, grads, specs) -> list[StepSizes | None]:
         """Phase one for each tensor, or None where the core rule updates it (first update, empty tensor, or
@@ -186,6 +247,8 @@ class Nero(torch.optim.Optimizer):
         ]
 
     def _apply(self, group, params, grads, specs, sizes, finite) -> None:
+        if not params:  # a group none of whose parameters has a gradient this step
+            return
         by_core = [i for i, s in enumerate(sizes) if s is None]
         for i in by_core:
             if not self.state[params[i]]:
@@ -239,6 +302,20 @@ def _kernel(fn: Callable, fused: bool | None, spec: TensorSpec) -> Callable:
     return _COMPILED[fn]
 
 
+def _native_fits(p: Tensor, g: Tensor, spec: TensorSpec) -> bool:
+    return (
+        p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and g.dtype == p.dtype
+        and g.layout == torch.strided and p.is_contiguous() and g.is_contiguous() and p.numel() > 0
+        and spec.axis in (0, None)
+    )
+
+
+def _native_flags(spec: TensorSpec) -> int:
+    if spec.axis is None:
+        return 0
+    return (_native.CENTRE if spec.centre else 0) | (_native.NORMALISE if spec.normalise else 0)
+
+
 def _all_finite(row_sums: list[Tensor]) -> Tensor:
     devices = {s.device for s in row_sums}
     device = next(iter(devices))
@@ -263,16 +340,36 @@ def _checked_state(p: Tensor, state: dict[str, Any], spec: TensorSpec, name: str
         raise ValueError(f"the saved state for {name} lacks {sorted(missing)}: it is not Nero's state")
     expected = _initial_state(p, spec)
     for key, like in expected.items():
-        got = tuple(torch.as_tensor(state[key]).shape)
-        if got != tuple(like.shape):
+        value = torch.as_tensor(state[key])
+        if tuple(value.shape) != tuple(like.shape):
             raise ValueError(
-                f"the saved state {key!r} for {name} has shape {got}, but this parameter needs {tuple(like.shape)}"
-                " (a state dict from a model of different shapes?)"
+                f"the saved state {key!r} for {name} has shape {tuple(value.shape)}, but this parameter needs "
+                f"{tuple(like.shape)} (a state dict from a model of different shapes?)"
             )
+        if value.is_complex() or value.dtype == torch.bool or (key != "step" and not value.is_floating_point()):
+            raise ValueError(f"the saved state {key!r} for {name} has dtype {value.dtype}, not a real float")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"the saved state {key!r} for {name} holds NaN or Inf: the checkpoint is corrupt")
+        if key == "step" and bool(value < 0):
+            raise ValueError(f"the saved step for {name} is {value.item()}, but a step count is >= 0")
     return {
         key: torch.as_tensor(state[key]).to(device=like.device, dtype=like.dtype, copy=True)
         for key, like in expected.items()
     }
+
+
+_NERO_OPTIONS = {"beta", "centre", "normalise", "neuron_axis"}  # in every group of a Nero state dict, none of Adam's
+
+
+def _skipped_count(value: Any) -> Tensor:
+    """The saved count of skipped steps as a fresh int64 tensor, or a clear error."""
+    try:
+        count = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        count = None
+    if count is None or count.numel() != 1 or count.is_floating_point() or count.is_complex() or bool(count < 0):
+        raise ValueError(f"the state dict's skipped_steps must be a count >= 0, got {value!r}")
+    return count.reshape(()).to(torch.int64).clone()
 
 
 def _spec(p: Tensor, group: dict[str, Any]) -> TensorSpec:
@@ -294,6 +391,8 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
+        if not bool(torch.isfinite(lr).all() & (lr >= 0).all()):
+            raise ValueError(f"Invalid learning rate: {lr!r} (a finite number >= 0)")
     elif not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
         raise ValueError(f"Invalid learning rate: {lr!r} (a finite number >= 0)")
     if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
@@ -307,8 +406,8 @@ def _check_param(p: Tensor, group: dict[str, Any], name: str) -> None:
         raise TypeError(f"Nero does not support complex parameters: {name}")
     if not p.is_floating_point():
         raise TypeError(f"Nero needs real floating-point parameters: {name}")
-    if p.is_sparse:
-        raise TypeError(f"Nero does not support sparse parameters: {name}")
+    if p.layout != torch.strided:
+        raise TypeError(f"Nero does not support sparse parameters ({p.layout}): {name}")
     axis = group["neuron_axis"]
     if axis is not None and p.ndim >= 2 and not -p.ndim <= axis < p.ndim:
         raise ValueError(f"neuron_axis {axis} is out of range for {name} with {p.ndim} dimensions")

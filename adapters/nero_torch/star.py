@@ -33,7 +33,9 @@ class Star(torch.optim.Optimizer):
     Args:
         params: parameters or parameter groups.
         meta_params: the MLP weights (a mapping of arrays), the name of a shipped set, or None for ``"star_v1"``.
-        step_mult, nominal_stepsize, weight_decay: as in :func:`nero_core.star`; per group.
+        step_mult: as in :func:`nero_core.star`; per group.
+        nominal_stepsize: as in :func:`nero_core.star`; per group.
+        weight_decay: as in :func:`nero_core.star`; per group.
         skip_nonfinite: skip a group's step (counting it in ``state["skipped"]``) when a gradient is not finite.
     """
 
