@@ -167,6 +167,16 @@ def _state_edit(key, change):
     return edit
 
 
+def _state_drop(key):
+    """Parameter 0's saved state without ``key``, its groups still Nero's."""
+
+    def edit(torch, state_dict):
+        del state_dict["state"][0][key]
+        return state_dict
+
+    return edit
+
+
 def _group_edit(key, value):
     def edit(torch, state_dict):
         state_dict["param_groups"][0][key] = value(torch)
@@ -188,13 +198,15 @@ def _two_groups(torch, state_dict):
 
 
 P0 = r"parameter 0 \(shape \(4, 3\), dtype torch.float32\)"
+NOT_NEROS = (r"not Nero's: its parameter group 0 lacks \['beta', 'centre', 'neuron_axis', 'normalise'\] "
+             r"\(a state dict of another optimizer\?\)")
 TORCH_BAD_CHECKPOINTS = {  # name: (where the state dict comes from, how it is then edited, the error's message)
-    "adam": ("adam", None, rf"state for {P0} lacks \['sigma', 'v'\]: it is not Nero's state"),
-    "adam-no-state-yet": ("adam-fresh", None, r"not Nero's: its parameter group 0 lacks \['beta', 'centre', "
-                          r"'neuron_axis', 'normalise'\] \(a state dict of another optimizer\?\)"),
-    "sgd": ("sgd", None, rf"state for {P0} lacks \['sigma', 'step', 'v'\]"),
-    "agd": ("agd", None, rf"state for {P0} lacks \['sigma', 'step', 'v'\]"),
-    "star": ("star", None, rf"state for {P0} lacks \['sigma'\]"),
+    "adam": ("adam", None, NOT_NEROS),
+    "adam-no-state-yet": ("adam-fresh", None, NOT_NEROS),
+    "sgd": ("sgd", None, NOT_NEROS),
+    "agd": ("agd", None, NOT_NEROS),
+    "star": ("star", None, NOT_NEROS),
+    "state-lacks-v": ("nero", _state_drop("v"), rf"state for {P0} lacks \['v'\]: it is not Nero's state"),
     "other-shapes": ("nero-other-shapes", None, r"'v' for parameter 0 \(shape \(4, 3\).* has shape \(5,\), but "
                      r"this parameter needs \(4,\) \(a state dict from a model of different shapes\?\)"),
     "v-2d": ("nero", _state_edit("v", lambda torch, v: v[:, None]),
@@ -385,3 +397,24 @@ def test_restore_state_names_what_does_not_fit(optax_setup, case):
         nero_optax.restore_state(template, loaded)
     for a, b in zip(jax.tree.leaves(template), kept, strict=True):
         assert np.asarray(a).tobytes() == b.tobytes()
+
+
+def test_restore_state_keeps_an_inf_that_init_itself_gives(optax_setup):
+    """``reduce_on_plateau`` starts its best loss at Inf: a checkpoint holding it is not corrupt; a NaN is."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import nero_optax
+
+    _, _, p, grads, _, _ = optax_setup
+    opt = optax.chain(nero_optax.nero(), optax.contrib.reduce_on_plateau())
+    state = opt.init(p)
+    _, state = opt.update(grads, state, p, value=jnp.asarray(1.0))
+    loaded = _saved(opt.init(p))  # best_value is still Inf here
+    restored = nero_optax.restore_state(opt.init(p), loaded)
+    assert jnp.isinf(restored[1].best_value)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(opt.init(p))))
+    loaded["1"]["best_value"] = np.float32("nan")
+    with pytest.raises(ValueError, match=r"best_value holds NaN or Inf: the checkpoint is corrupt"):
+        nero_optax.restore_state(opt.init(p), loaded)

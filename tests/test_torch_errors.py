@@ -76,7 +76,7 @@ def test_loading_a_state_dict_that_is_not_neros_is_refused():
     model(torch.randn(2, 3)).sum().backward()
     adam.step()
     opt = nero_torch.Nero(model.parameters())
-    with pytest.raises(ValueError, match=r"state for parameter 0 \(shape \(4, 3\).* lacks \['sigma', 'v'\]"):
+    with pytest.raises(ValueError, match=r"not Nero's: its parameter group 0 lacks \['beta', 'centre', 'neuron_axis'"):
         opt.load_state_dict(adam.state_dict())
     assert len(opt.state) == 0
 

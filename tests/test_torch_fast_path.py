@@ -213,3 +213,29 @@ def test_fast_paths_stay_finite_when_a_row_s_v_is_subnormal(fast):
     assert got.mean(dim=1).abs().max() < 1e-6
     assert (got[1:] - expected[1:]).abs().max().item() <= 1e-6
     assert (got[0] - expected[0]).abs().max().item() <= 1e-2
+
+
+def test_foreach_false_stays_the_core_rule_even_with_fused(monkeypatch):
+    from nero_torch import _native
+
+    monkeypatch.setattr(_native, "apply", lambda *a, **k: pytest.fail("the C kernel ran for foreach=False"))
+    got = train("mlp", torch.float64, fused=True, foreach=False)
+    assert max_deviation(got, train("mlp", torch.float64, foreach=False)) == 0.0
+
+
+def test_a_kernel_that_fails_to_load_falls_back(monkeypatch, tmp_path):
+    import ctypes
+
+    from nero_torch import _native
+
+    def refuse(path, *args, **kwargs):
+        raise OSError(f"{path}: file too short")
+
+    monkeypatch.setenv("NERO_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(ctypes, "CDLL", refuse)
+    _native.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"could not load the CPU kernel .*file too short.*torch kernels"):
+            assert _native.library() is None
+    finally:
+        _native.library.cache_clear()

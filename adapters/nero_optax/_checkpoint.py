@@ -36,6 +36,10 @@ def _describe(paths: list[tuple[str, ...]]) -> str:
     return shown + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
 
 
+def _concrete(x: Any) -> bool:
+    return isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
+
+
 def _restore_leaf(name: str, like: Any, value: Any) -> Any:
     if not hasattr(like, "shape") or not hasattr(like, "dtype"):
         return value  # not an array in the template (a Python scalar, say): taken as saved
@@ -46,7 +50,9 @@ def _restore_leaf(name: str, like: Any, value: Any) -> Any:
     if dtype != np.dtype(like.dtype):
         raise ValueError(f"checkpoint leaf {name} has dtype {dtype} but this state needs {np.dtype(like.dtype)}")
     if jnp.issubdtype(array.dtype, jnp.inexact) and not isinstance(array, jax.core.Tracer):
-        if not bool(jnp.all(jnp.isfinite(array))):
+        # Inf is a value some states start with (reduce_on_plateau's best loss): refused only where init's isn't
+        infinite_allowed = not _concrete(like) or not bool(jnp.all(jnp.isfinite(like)))
+        if bool(jnp.any(jnp.isnan(array))) or not (infinite_allowed or bool(jnp.all(jnp.isfinite(array)))):
             raise ValueError(f"checkpoint leaf {name} holds NaN or Inf: the checkpoint is corrupt")
     if isinstance(like, jax.Array) and not isinstance(like, jax.core.Tracer) and like.committed:
         return jax.device_put(array, like.sharding)  # where init put it (a committed device or a sharding)
@@ -62,7 +68,8 @@ def restore_state(template: Any, loaded: Any) -> Any:
     state dict of nested dicts that ``flax.serialization.msgpack_restore`` returns. It works for any optax state:
     ``nero``'s alone, or one inside ``optax.chain``, ``inject_hyperparams`` or ``masked``.
 
-    Every leaf must be where the template has one, with the same shape and dtype, and finite; otherwise a
+    Every leaf must be where the template has one, with the same shape and dtype, and finite (Inf is kept where
+    ``init`` itself gives Inf, as ``optax.contrib.reduce_on_plateau`` does for its best loss); otherwise a
     ``ValueError`` names the leaf and what is wrong (another optimizer's state, a model of other shapes, a run
     in another precision, a corrupt file). Nothing is cast or changed in place: the result is a new state.
 

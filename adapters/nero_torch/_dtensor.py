@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ._functional import (
-    StepSizes, TensorSpec, _per_row, _row_terms, apply_step, compute_dtype, squared_norms, step_sizes,
+    StepSizes, TensorSpec, _per_row, _row_terms, apply_step, compute_dtype, sizes_from_sums, squared_norms, step_sizes,
 )
 
 __all__ = ["ShardedStep", "check_param", "is_dtensor", "split_off"]
@@ -117,17 +117,6 @@ def _all_reduce(pieces: list[tuple[Any, tuple[int, ...], Tensor]]) -> list[Tenso
 def _row_sum(x: Tensor, axis: int) -> Tensor:
     """Sums over every axis but the neuron axis: one value per local row."""
     return x.sum([d for d in range(x.ndim) if d != axis])
-
-
-def _sizes(gg: Tensor, sg: Tensor, state: dict[str, Tensor], *, lr: Any, beta: float, maximize: bool) -> StepSizes:
-    """:func:`step_sizes` from row sums that are already reduced (rows split across ranks)."""
-    v, sigma = state["v"], state["sigma"]
-    v_new = beta * v + (1 - beta) * gg
-    positive = v_new > 0
-    bias_correction = 1 - beta ** (state["step"].to(v.dtype) + 1)
-    inv_rms = torch.where(positive, torch.rsqrt(torch.where(positive, v_new, 1.0) / bias_correction), 0.0)
-    c = (lr * sigma) * inv_rms * (-1.0 if maximize else 1.0)
-    return StepSizes(v_new, c, c * sg, c * c * gg, sg)
 
 
 @dataclass
@@ -282,7 +271,7 @@ class ShardedStep:
             pieces.append((it.layout.mesh, it.layout.split, torch.stack([_row_sum(x, it.spec.axis) for x in sums])))
         checks = []
         for it, (gg, sg, ww, sw, wg) in zip(split, _all_reduce(pieces)):
-            it.sizes = _sizes(gg, sg, it.local_state(), **it.hyper)
+            it.sizes = sizes_from_sums(gg, sg, it.local_state(), rows=True, **it.hyper)
             rows = sg.shape[0]
             if rows:
                 it.terms = _row_terms(ww, sw, wg, it.sizes, it.spec, _fan_in(it) * rows)

@@ -32,7 +32,8 @@ from torch import Tensor
 import nero_core
 
 __all__ = [
-    "StepSizes", "TensorSpec", "apply_step", "compute_dtype", "reference_update", "squared_norms", "step_sizes",
+    "StepSizes", "TensorSpec", "apply_step", "compute_dtype", "reference_update", "sizes_from_sums", "squared_norms",
+    "step_sizes",
 ]
 
 
@@ -110,20 +111,26 @@ def step_sizes(
     g: Tensor, state: dict[str, Tensor], spec: TensorSpec, *, lr: Any, beta: float, maximize: bool
 ) -> StepSizes:
     """The new ``v`` and the per-row step of one tensor; nothing is written."""
-    v, sigma = state["v"], state["sigma"]
-    g = g.to(v.dtype)
+    g = g.to(state["v"].dtype)
     if spec.axis is None:
-        gg, sg = g * g, g
-    else:
-        rows = _rows(g, spec.axis)
-        gg = rows.square().sum(1) if torch.compiler.is_compiling() else torch.linalg.vector_norm(rows, dim=1).square()
-        sg = rows.sum(1)
+        return sizes_from_sums(g * g, g, state, rows=False, lr=lr, beta=beta, maximize=maximize)
+    rows = _rows(g, spec.axis)
+    gg = rows.square().sum(1) if torch.compiler.is_compiling() else torch.linalg.vector_norm(rows, dim=1).square()
+    return sizes_from_sums(gg, rows.sum(1), state, rows=True, lr=lr, beta=beta, maximize=maximize)
+
+
+def sizes_from_sums(
+    gg: Tensor, sg: Tensor, state: dict[str, Tensor], *, rows: bool, lr: Any, beta: float, maximize: bool
+) -> StepSizes:
+    """:func:`step_sizes` from the gradient's sums ``|g_row|^2`` and ``sum(g_row)`` (bias-like, ``rows=False``:
+    ``g*g`` and ``g``), wherever they were summed (here, or across the ranks that share a row)."""
+    v, sigma = state["v"], state["sigma"]
     v_new = beta * v + (1 - beta) * gg
     positive = v_new > 0
     bias_correction = 1 - beta ** (state["step"].to(v.dtype) + 1)
     inv_rms = torch.where(positive, torch.rsqrt(torch.where(positive, v_new, 1.0) / bias_correction), 0.0)
     c = (lr * sigma) * inv_rms * (-1.0 if maximize else 1.0)
-    if spec.axis is None:
+    if not rows:
         return StepSizes(v_new, c, None, None, sg)
     # (c*|g|)^2, not c*c*|g|^2: for gradients near 1e-25, c ~ lr/|g| squares past float32's range
     return StepSizes(v_new, c, c * sg, (c * gg.sqrt()).square(), sg)

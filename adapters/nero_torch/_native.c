@@ -3,7 +3,7 @@
  * Every tensor is a list of contiguous rows: neuron tensors (neuron axis 0) as (neurons, fan_in), bias-like
  * tensors as rows of length 1 (their v is per element, and they are never centred or normalised).
  *
- * Phase one reads each gradient once for the new v = beta*v + (1-beta)|g_row|^2 (the sum accumulated in double)
+ * Phase one reads each gradient once for the new v = beta*v + (1-beta)|g_row|^2 (summed in T, as the core rule does)
  * and reports whether every one is finite, so that a step with a NaN or Inf anywhere (or a square past the
  * state's dtype) can be skipped before anything is written. Phase two, per row: store v,
  * c = lr*sigma/sqrt(v/(1-beta^t)) (0 where v = 0),

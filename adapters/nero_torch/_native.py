@@ -63,7 +63,12 @@ def library() -> ctypes.CDLL | None:
             warnings.warn(f"Nero(fused=True): could not build the CPU kernel ({detail}); using the torch kernels",
                           RuntimeWarning, stacklevel=3)
             return None
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as error:  # a truncated file in the cache, a runtime library gone since it was built
+        warnings.warn(f"Nero(fused=True): could not load the CPU kernel {path} ({error}); using the torch kernels",
+                      RuntimeWarning, stacklevel=3)
+        return None
     for suffix in ("f32", "f64"):
         sums = getattr(lib, f"nero_row_sums_{suffix}")
         sums.restype = ctypes.c_int

@@ -135,6 +135,13 @@ class Nero(torch.optim.Optimizer):
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
+        for j, saved in enumerate(saved_groups):  # another optimizer's groups, even where it has no state yet
+            missing = _NERO_OPTIONS - set(saved)
+            if missing:
+                raise ValueError(
+                    f"loaded state dict is not Nero's: its parameter group {j} lacks {sorted(missing)} "
+                    "(a state dict of another optimizer?)"
+                )
         kept, index = {}, 0
         for group, saved in zip(self.param_groups, saved_groups):
             if len(group["params"]) != len(saved["params"]):
@@ -149,13 +156,6 @@ class Nero(torch.optim.Optimizer):
                 if state_dict["state"].get(key):
                     kept[p] = _checked_state(p, state_dict["state"][key], _spec(p, merged), name)
             index += len(group["params"])
-        for j, saved in enumerate(saved_groups):  # another optimizer's groups, even where it has no state yet
-            missing = _NERO_OPTIONS - set(saved)
-            if missing:
-                raise ValueError(
-                    f"loaded state dict is not Nero's: its parameter group {j} lacks {sorted(missing)} "
-                    "(a state dict of another optimizer?)"
-                )
         skipped = _skipped_count(state_dict.get("skipped_steps", 0))
         super().load_state_dict(state_dict)
         self.state.update(kept)
@@ -213,7 +213,7 @@ class Nero(torch.optim.Optimizer):
         for group, params, grads, specs in work:
             for p, g, spec in zip(params, grads, specs):
                 state = self.state.get(p)
-                if not (group["fused"] and state and _native_fits(p, g, spec)):
+                if not (group["fused"] and group["foreach"] is not False and state and _native_fits(p, g, spec)):
                     return False
                 entries.append((group, p, g, spec, state))
         if _native.library() is None:
