@@ -12,7 +12,6 @@ too, on the backends that run it eagerly.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -20,11 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nero_core
+from balance import check_balanced
 
 # Decimal exponents each dtype represents with room to square (as test_core_properties.py), and its whole range.
 ROOM = {"float16": 3, "bfloat16": 12, "float32": 15, "float64": 60}
 RANGE = {"float16": 4, "bfloat16": 37, "float32": 37, "float64": 307}
-EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
 STEPS = 3
 
 shapes = st.lists(st.integers(0, 4), min_size=0, max_size=5).map(tuple)
@@ -48,18 +47,6 @@ def draws(shape, p_exp, g_exp, seed):
     params = np.asarray(rng.normal(size=shape) * 10.0**p_exp)
     grads = [np.asarray(rng.normal(size=shape) * 10.0**g_exp) for _ in range(STEPS)]
     return params, grads
-
-
-def check_balanced(p: np.ndarray, shape, axis, dtype) -> None:
-    resolved = nero_core.neuron_axes([shape], axis)[0]
-    if resolved is None or p.size == 0:
-        return
-    rows = np.moveaxis(p, resolved, 0).reshape(shape[resolved], -1).astype(np.float64)
-    norms = np.linalg.norm(rows, axis=1)
-    tol = 8 * EPS[dtype] * math.sqrt(rows.shape[1])
-    zero = norms == 0
-    np.testing.assert_allclose(norms[~zero], 1.0, atol=tol)
-    np.testing.assert_allclose(rows.mean(axis=1), 0.0, atol=tol)
 
 
 def expected_state(shape, axis, dtype):

@@ -7,7 +7,6 @@ exactly zero row), and the state keeps its shapes and dtypes.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -15,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nero_core
+from balance import check_balanced
 
 # Decimal exponents of parameter and gradient magnitudes each dtype represents with room to square.
 MAGNITUDES = {"float16": 3, "bfloat16": 12, "float32": 15, "float64": 60}
-EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
 
 shapes = st.lists(st.integers(0, 4), min_size=0, max_size=5).map(tuple)
 
@@ -66,15 +65,7 @@ def check_finite_and_balanced(backend, data):
     assert [tuple(v.shape) for v in state.v] == shapes_before
     assert [v.dtype for v in state.v] + [s.dtype for s in state.sigma] == dtypes_before
     assert params[0].dtype == getattr(xp, dtype_name)
-    resolved = nero_core.neuron_axes([shape], axis)[0]
-    if resolved is None or p.size == 0:
-        return
-    rows = np.moveaxis(p, resolved, 0).reshape(shape[resolved], -1).astype(np.float64)
-    norms = np.linalg.norm(rows, axis=1)
-    tol = 8 * EPS[dtype_name] * math.sqrt(rows.shape[1])
-    zero = norms == 0
-    np.testing.assert_allclose(norms[~zero], 1.0, atol=tol)
-    np.testing.assert_allclose(rows.mean(axis=1), 0.0, atol=tol)
+    check_balanced(p, shape, axis, dtype_name)
 
 
 def _property_test(max_examples: int, compiled: bool):
