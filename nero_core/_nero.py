@@ -43,7 +43,8 @@ class NeroState(NamedTuple):
     count:   0-d int32, updates taken so far (skipped steps excluded).
     v:       float, shape ``(neurons,)`` for neuron tensors, the parameter's shape for bias-like ones.
     sigma:   0-d float, the tensor's scale, fixed at its first update.
-    skipped: 0-d int32, updates skipped for the whole set because a gradient (or its square) was not finite.
+    skipped: 0-d int32, steps in which a gradient (or its square) was not finite: skipped whole, or with
+             ``skip_nonfinite="neuron"`` held back for the neurons concerned.
     """
 
     count: tuple[Any, ...]
@@ -113,6 +114,37 @@ def _all_finite(arrays: Sequence[Any], xp: Any) -> Any:
     return finite
 
 
+def skip_mode(skip_nonfinite: Any) -> str | None:
+    """``"step"``, ``"neuron"`` or None (propagate) from a ``skip_nonfinite`` argument, or a clear error."""
+    if skip_nonfinite is True or skip_nonfinite == "step":
+        return "step"
+    if skip_nonfinite is False:
+        return None
+    if skip_nonfinite == "neuron":
+        return "neuron"
+    raise ValueError(f"skip_nonfinite must be True, False, 'step' or 'neuron', got {skip_nonfinite!r}")
+
+
+def _keep_finite_neurons(
+    new_params: list[Any], new: NeroState, params: Sequence[Any], old: NeroState, axes: Sequence[int | None], xp: Any
+) -> tuple[list[Any], NeroState]:
+    """Hold back, per neuron, the updates whose new ``v`` is not finite; count the step where any was."""
+    kept_params, kept_v, held = [], [], xp.asarray(False)
+    for x, p, v_new, v_old, axis in zip(new_params, params, new.v, old.v, axes):
+        finite = xp.isfinite(v_new)
+        held = xp.logical_or(held, xp.logical_not(xp.all(finite)))
+        if axis is not None:
+            shape = [1] * len(p.shape)
+            shape[axis] = p.shape[axis]
+            finite_p = xp.reshape(finite, tuple(shape))
+        else:
+            finite_p = finite
+        kept_params.append(xp.where(finite_p, x, p))
+        kept_v.append(xp.where(finite, v_new, v_old))
+    skipped = old.skipped + xp.astype(held, old.skipped.dtype)
+    return kept_params, NeroState(new.count, tuple(kept_v), new.sigma, skipped)
+
+
 def _check_state(state: NeroState, params: Sequence[Any], axes: Sequence[int | None]) -> None:
     if not isinstance(state, NeroState):
         raise TypeError(f"state must be a NeroState (from nero(...).init), got {type(state).__name__}")
@@ -133,7 +165,7 @@ def nero(
     centre: bool = True,
     normalise: bool = True,
     neuron_axis: NeuronAxis = 0,
-    skip_nonfinite: bool = True,
+    skip_nonfinite: bool | str = True,
 ) -> Optimizer:
     """Nero: per-neuron relative updates on balanced (zero-mean, unit-norm) neurons.
 
@@ -145,15 +177,19 @@ def nero(
         normalise: keep every neuron's weights unit-norm.
         neuron_axis: which axis indexes neurons: an int for every tensor, None (all bias-like), a sequence
             with one entry per parameter, or a callable ``shape -> int | None``.
-        skip_nonfinite: when any gradient holds NaN or Inf (or is so large that its square overflows the state's
-            dtype), leave parameters and state exactly as they were and count the step in ``state.skipped``.
-            When False, non-finite values propagate.
+        skip_nonfinite: what a gradient holding NaN or Inf (or so large that its square overflows the state's
+            dtype) does. True or ``"step"``: the whole step is skipped, parameters and state stay exactly as they
+            were. ``"neuron"``: only the neurons (rows of neuron tensors, elements of bias-like ones) whose new
+            ``v`` is not finite keep their weights and ``v``; the rest update and every count advances (what
+            ``nero_torch.Nero``'s one-pass kernel does). Either way the step is counted in ``state.skipped``.
+            False: non-finite values propagate.
 
     Returns:
         An :class:`Optimizer` pair ``(init, update)``.
     """
     check_hyperparameter("lr", lr, low=0.0, high=math.inf, high_open=False)
     check_hyperparameter("beta", beta, low=0.0, high=1.0, high_open=True)
+    skip = skip_mode(skip_nonfinite)
 
     def init(params: Sequence[Any], *, xp: Any = None) -> NeroState:
         params = list(params)
@@ -189,8 +225,10 @@ def nero(
             new_sigma.append(sigma)
         new_count = [t + 1 for t in state.count]
         new_state = NeroState(tuple(new_count), tuple(new_v), tuple(new_sigma), state.skipped)
-        if not skip_nonfinite:
+        if skip is None:
             return new_params, new_state
+        if skip == "neuron":
+            return _keep_finite_neurons(new_params, new_state, params, state, axes, xp)
         # NaN or Inf in a gradient reaches its v, and so does a finite gradient whose square overflows the state's
         # dtype: checking the new v (one entry per neuron) catches both without another pass over the gradients.
         finite = _all_finite(new_v, xp)

@@ -33,8 +33,11 @@ def _project(row, centre, normalise):
 class ReferenceNero:
     """Nero in float64, one tensor and one neuron at a time."""
 
-    def __init__(self, shapes, axes, lr=0.01, beta=0.999, centre=True, normalise=True):
+    def __init__(self, shapes, axes, lr=0.01, beta=0.999, centre=True, normalise=True, skip_nonfinite=False):
+        """``skip_nonfinite="neuron"``: a neuron whose new v is not finite keeps its weights and v (the
+        whole-step skip is checked by the tests directly)."""
         self.lr, self.beta, self.centre, self.normalise = lr, beta, centre, normalise
+        self.per_neuron = skip_nonfinite == "neuron"
         self.axes = [_neuron_axis(tuple(s), a) for s, a in zip(shapes, axes)]
         self.t = [0] * len(shapes)
         self.v = [None] * len(shapes)
@@ -49,6 +52,7 @@ class ReferenceNero:
         if axis is None:
             return self._step_elementwise(i, p, g)
         w = np.moveaxis(p, axis, 0).reshape(p.shape[axis], -1) if p.size else np.zeros((p.shape[axis], 0))
+        before = w.copy()
         gw = np.moveaxis(g, axis, 0).reshape(g.shape[axis], -1) if g.size else np.zeros((g.shape[axis], 0))
         constrained = self.centre or self.normalise
         if self.t[i] == 0:
@@ -65,7 +69,11 @@ class ReferenceNero:
         t, beta = self.t[i], self.beta
         out = np.empty_like(w)
         for n in range(w.shape[0]):
-            self.v[i][n] = beta * self.v[i][n] + (1 - beta) * float(np.sum(gw[n] * gw[n]))
+            v_n = beta * self.v[i][n] + (1 - beta) * float(np.sum(gw[n] * gw[n]))
+            if self.per_neuron and not math.isfinite(v_n):
+                out[n] = before[n]
+                continue
+            self.v[i][n] = v_n
             vhat = self.v[i][n] / (1 - beta**t)
             u = gw[n] / math.sqrt(vhat) if self.v[i][n] > 0 else np.zeros_like(gw[n])
             row = w[n] - self.lr * self.sigma[i] * u
@@ -80,9 +88,11 @@ class ReferenceNero:
             self.v[i] = np.zeros(p.shape)
         self.t[i] += 1
         beta = self.beta
-        self.v[i] = beta * self.v[i] + (1 - beta) * g * g
+        new_v = beta * self.v[i] + (1 - beta) * g * g
+        held = ~np.isfinite(new_v) if self.per_neuron else np.zeros(p.shape, bool)
+        self.v[i] = np.where(held, self.v[i], new_v)
         vhat = self.v[i] / (1 - beta ** self.t[i])
         u = np.zeros_like(g)
-        nz = self.v[i] > 0
+        nz = (self.v[i] > 0) & ~held
         u[nz] = g[nz] / np.sqrt(vhat[nz])
-        return p - self.lr * self.sigma[i] * u
+        return np.where(held, p, p - self.lr * self.sigma[i] * u)

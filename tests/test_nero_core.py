@@ -227,6 +227,28 @@ def test_nonfinite_gradient_skips_whole_step(backend):
     assert int(backend.to_numpy(new_state.skipped)) == 1
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e200])  # 1e200: its square overflows float64
+def test_nonfinite_gradient_skips_only_its_neurons_when_asked(backend, bad):
+    params, grads = make_problem(14)
+    for step, where in [(0, (0, 1, 2)), (0, (2, 3)), (4, (1, 2, 0, 1)), (4, (2, 5))]:
+        grads[step][where[0]][where[1:]] = bad  # a neuron row, a bias element; at the first step too
+    grads[9][3] = np.asarray(bad)  # a 0-d tensor
+    with np.errstate(over="ignore", invalid="ignore"):  # NumPy's warnings on the held-back neurons' arithmetic
+        history, state = run_backend(backend, params, grads, skip_nonfinite="neuron")
+        reference = run_reference(params, grads, skip_nonfinite="neuron")
+    assert max_deviation(history, reference) <= 1e-12
+    assert all(np.isfinite(p).all() for step in history for p in step)
+    assert int(backend.to_numpy(state.skipped)) == 3  # steps with a held-back neuron
+    assert [int(backend.to_numpy(t)) for t in state.count] == [STEPS] * len(SHAPES)
+    np.testing.assert_array_equal(history[4][1][2], history[3][1][2])  # neuron 2 of the conv weight held at step 4
+    assert not np.array_equal(history[4][1][1], history[3][1][1])  # and its other neurons moved
+
+
+def test_skip_nonfinite_must_be_a_known_mode():
+    with pytest.raises(ValueError, match=r"skip_nonfinite must be True, False, 'step' or 'neuron', got 'row'"):
+        nero_core.nero(skip_nonfinite="row")
+
+
 @pytest.mark.parametrize("half", ["float16", "bfloat16"])
 def test_half_precision_keeps_float32_state(backend, half):
     xp = backend.xp

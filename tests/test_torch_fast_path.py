@@ -239,3 +239,76 @@ def test_a_kernel_that_fails_to_load_falls_back(monkeypatch, tmp_path):
             assert _native.library() is None
     finally:
         _native.library.cache_clear()
+
+
+def test_native_one_pass_equals_the_two_pass_kernel_bit_for_bit(native_calls):
+    """``skip_nonfinite="neuron"`` runs the one-pass kernel: with finite gradients, exactly the two-pass step."""
+    for model in ("mlp", "transformer"):
+        for dtype in (torch.float32, torch.float64):
+            one_pass = train(model, dtype, fused=True, skip_nonfinite="neuron")
+            assert max_deviation(one_pass, train(model, dtype, fused=True)) == 0.0
+            assert max_deviation(one_pass, train(model, dtype, foreach=False)) <= TOLERANCE[dtype]
+
+
+# A neuron row, a bias element, a row of a 3-D tensor: each made non-finite at some steps, the first included.
+NONFINITE_SHAPES = [(6, 5), (7,), (4, 3, 3)]
+NONFINITE_AT = {0: [(0, (1, 2)), (1, (3,))], 3: [(2, (2, 0, 1)), (0, (5, 4))], 4: [(1, (0,)), (1, (6,))]}
+
+
+def run_with_nonfinite(bad: float, steps: int = 8, **options):
+    """Parameters after every step, and the optimizer, for random gradients with NaN/Inf at NONFINITE_AT."""
+    gen = torch.Generator().manual_seed(3)
+    params = [nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in NONFINITE_SHAPES]
+    opt = nero_torch.Nero(params, skip_nonfinite="neuron", **options)
+    history = []
+    for step in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        for tensor, index in NONFINITE_AT.get(step, []):
+            params[tensor].grad[index] = bad
+        opt.step()
+        history.append([p.detach().clone() for p in params])
+    return history, opt
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e200])  # 1e200: its square overflows
+def test_skip_nonfinite_neuron_holds_back_only_those_neurons_on_every_path(bad, native_calls, monkeypatch):
+    import numpy as np
+
+    import nero_core
+    from nero_torch import _native
+
+    one_pass = []
+    kernel = _native.step
+    monkeypatch.setattr(_native, "step", lambda *a: one_pass.append(1) or kernel(*a))
+
+    gen = torch.Generator().manual_seed(3)  # the core rule on NumPy arrays, fed the same gradients
+    rule = nero_core.nero(skip_nonfinite="neuron")
+    ps = [torch.randn(s, generator=gen, dtype=torch.float64).numpy() for s in NONFINITE_SHAPES]
+    state, expected = rule.init(ps), []
+    with np.errstate(over="ignore", invalid="ignore"):
+        for step in range(8):
+            gs = [torch.randn(s, generator=gen, dtype=torch.float64).numpy() for s in NONFINITE_SHAPES]
+            for tensor, index in NONFINITE_AT.get(step, []):
+                gs[tensor][index] = bad
+            ps, state = rule.update(gs, state, ps)
+            expected.append([torch.from_numpy(p) for p in ps])
+    for options in (dict(fused=True), dict(), dict(foreach=False)):  # C kernel, torch kernels, the core rule
+        history, opt = run_with_nonfinite(bad, **options)
+        assert max_deviation(history, expected) <= TOLERANCE[torch.float64], options
+        assert opt.skipped_steps == int(state.skipped) == 3
+        assert all(float(s["step"]) == 8 for s in opt.state.values())
+        assert all(torch.isfinite(p).all() for step in history for p in step)
+        assert torch.equal(history[3][2][2], history[2][2][2])  # held back at step 3: row 2 of the 3-D tensor
+        assert not torch.equal(history[3][2][1], history[2][2][1])  # while its other rows moved
+    assert len(native_calls) == 0 and len(one_pass) == 7  # fused: the one-pass kernel after the first step
+
+
+def test_skip_nonfinite_takes_step_or_neuron():
+    params = [nn.Parameter(torch.randn(3, 4))]
+    with pytest.raises(ValueError, match=r"^Nero\(skip_nonfinite=False\) is not offered: a step never writes NaN or "
+                                         r"Inf; skip_nonfinite='neuron' holds back only the neurons concerned, in one "
+                                         r"pass$"):
+        nero_torch.Nero(params, skip_nonfinite=False)
+    with pytest.raises(ValueError, match=r"^skip_nonfinite must be True, False, 'step' or 'neuron', got 'row'$"):
+        nero_torch.Nero(params, skip_nonfinite="row")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["CENTRE", "NORMALISE", "Batch", "apply", "library", "new_v"]
+__all__ = ["CENTRE", "NORMALISE", "Batch", "apply", "library", "new_v", "step"]
 
 SOURCE = Path(__file__).with_name("_native.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
@@ -76,6 +76,9 @@ def library() -> ctypes.CDLL | None:
         step = getattr(lib, f"nero_apply_{suffix}")
         step.restype = None
         step.argtypes = [ctypes.c_int64] + [_I64] * 9 + [_F64, _F64, _F64, ctypes.c_int]
+        one_pass = getattr(lib, f"nero_step_{suffix}")
+        one_pass.restype = ctypes.c_int64
+        one_pass.argtypes = [ctypes.c_int64] + [_I64] * 8 + [_F64, _F64, ctypes.c_int]
     return lib
 
 
@@ -110,6 +113,10 @@ class Batch:
         self.v, self.sigma, self.step = (_int64s([s[key].data_ptr() for s in states]) for key in ("v", "sigma", "step"))
 
 
+def _per_tensor(params: list[Tensor], flags: list[int], lrs: list[float]) -> tuple[Tensor, Tensor, Tensor]:
+    return _int64s([t.data_ptr() for t in params]), _int64s(flags), torch.tensor(lrs, dtype=torch.float64)
+
+
 def new_v(batch: Batch) -> bool:
     """Phase one: every row's new ``v`` into ``batch`` (nothing written to the state); True when all are finite."""
     fn = getattr(library(), f"nero_row_sums_{_suffix(batch.dtype)}")
@@ -122,7 +129,17 @@ def apply(batch: Batch, params: list[Tensor], flags: list[int], lrs: list[float]
     """Phase two: update every parameter, its ``v`` and its ``step`` in place (``lrs`` signed: negative to
     maximise)."""
     fn = getattr(library(), f"nero_apply_{_suffix(batch.dtype)}")
-    p, flag_bits, lr = _int64s([t.data_ptr() for t in params]), _int64s(flags), torch.tensor(lrs, dtype=torch.float64)
+    p, flag_bits, lr = _per_tensor(params, flags, lrs)
     fn(batch.count, _ptr(p), _ptr(batch.grads), _ptr(batch.v), _ptr(batch.sigma), _ptr(batch.step),
        _ptr(batch.rows), _ptr(batch.cols), _ptr(flag_bits), _ptr(batch.offsets), _ptr(batch.v_new, _F64),
        _ptr(lr, _F64), _ptr(batch.betas, _F64), torch.get_num_threads())
+
+
+def step(batch: Batch, params: list[Tensor], flags: list[int], lrs: list[float]) -> int:
+    """The whole step in one pass (``skip_nonfinite="neuron"``): a row whose new ``v`` is not finite keeps its
+    weights and ``v``; returns how many rows did."""
+    fn = getattr(library(), f"nero_step_{_suffix(batch.dtype)}")
+    p, flag_bits, lr = _per_tensor(params, flags, lrs)
+    return int(fn(batch.count, _ptr(p), _ptr(batch.grads), _ptr(batch.v), _ptr(batch.sigma), _ptr(batch.step),
+                  _ptr(batch.rows), _ptr(batch.cols), _ptr(flag_bits), _ptr(lr, _F64), _ptr(batch.betas, _F64),
+                  torch.get_num_threads()))

@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nero_core._nero import skip_mode
 from nero_core._neurons import neuron_axis_of
 
 from . import _dtensor, _native
 from ._functional import (
-    StepSizes, TensorSpec, apply_step, compute_dtype, reference_update, squared_norms, step_sizes,
+    StepSizes, TensorSpec, _per_row, apply_step, compute_dtype, reference_update, squared_norms, step_sizes,
 )
 
 __all__ = ["Nero"]
@@ -64,13 +65,18 @@ class Nero(torch.optim.Optimizer):
             the fast path of neuron tensors runs as ``torch.compile``'d kernels: compilation on the first
             steady-state step, once per tensor rank, dtype and device (sizes are dynamic), 17 s single-threaded
             for a GPT-2-like model on a 2-core CPU. Not with ``foreach=True``.
+        skip_nonfinite: True or ``"step"``: a step in which any gradient holds NaN or Inf is skipped whole (see
+            below); the C kernel then reads the gradients twice, once to check them all before anything is
+            written. ``"neuron"``: only the neurons (rows; elements of bias-like tensors) whose gradient is not
+            finite keep their weights and ``v``, the rest update, and the C kernel makes one pass over memory,
+            as SGD does. Under ``torch.compile`` and for DTensor parameters, ``"neuron"`` skips the whole step.
 
     DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) are updated on their local shards, with no
     communication where each neuron's row lies on one rank (see ``nero_torch._dtensor`` for the other layouts).
 
     Non-finite gradients: when any gradient of any group holds NaN or Inf, the whole step is skipped
-    (parameters and state, step counts included, unchanged) and :attr:`skipped_steps` counts it; the count is
-    saved in the state dict. Each parameter keeps its own step count; a parameter without a gradient is
+    (parameters and state, step counts included, unchanged; with ``skip_nonfinite="neuron"``, only the neurons
+    concerned) and :attr:`skipped_steps` counts it; the count is saved in the state dict. Each parameter keeps its own step count; a parameter without a gradient is
     skipped and keeps its state. State is float32 for bf16/fp16 parameters, also after ``load_state_dict``.
     With ``OneCycleLR`` pass ``cycle_momentum=False``: Nero has no momentum to cycle.
     """
@@ -87,9 +93,14 @@ class Nero(torch.optim.Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        skip_nonfinite: bool | str = True,
     ) -> None:
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if skip_nonfinite is False:
+            raise ValueError("Nero(skip_nonfinite=False) is not offered: a step never writes NaN or Inf; "
+                             "skip_nonfinite='neuron' holds back only the neurons concerned, in one pass")
+        self._skip_mode = skip_mode(skip_nonfinite)
         defaults = dict(
             lr=lr, beta=beta, centre=centre, normalise=normalise, neuron_axis=neuron_axis,
             maximize=maximize, foreach=foreach, fused=fused,
@@ -117,7 +128,8 @@ class Nero(torch.optim.Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """How many steps were skipped, whole, because a gradient was not finite (saved in the state dict)."""
+        """How many steps a gradient was not finite in: skipped whole, or with ``skip_nonfinite="neuron"`` held
+        back for the neurons concerned (saved in the state dict)."""
         return int(self._skipped)
 
     def state_dict(self) -> dict[str, Any]:
@@ -190,10 +202,13 @@ class Nero(torch.optim.Optimizer):
             checks += sharded.prepare(checks)  # every collective happens here, on every rank
         finite = _all_finite(checks)
         by_core = sharded is not None or any(s is None for ss in sizes for s in ss)
+        held = []
         if by_core or not torch.compiler.is_compiling():
             if not bool(finite):  # a host sync: once per step in eager mode; branch-free under torch.compile
                 self._skipped += 1
-                return loss
+                if self._skip_mode != "neuron" or sharded is not None:
+                    return loss
+                held = self._held_neurons(work, checks)
             finite = None
         else:
             self._skipped.add_((~finite).to(self._skipped.device, torch.int64))
@@ -201,7 +216,24 @@ class Nero(torch.optim.Optimizer):
             self._apply(group, params, grads, specs, ss, finite)
         if sharded is not None:
             sharded.apply(self.state)
+        for p, spec, ok, old_p, old_v in held:  # rows are independent: put back the ones whose v is not finite
+            w = p.detach()
+            w.copy_(torch.where(ok if spec.axis is None else _per_row(ok, w, spec.axis), w, old_p))
+            v = self.state[p]["v"]
+            v.copy_(torch.where(ok, v, old_v if old_v is not None else torch.zeros_like(v)))
         return loss
+
+    def _held_neurons(self, work, checks) -> list[tuple[Tensor, TensorSpec, Tensor, Tensor, Tensor | None]]:
+        """The tensors with a neuron whose new ``v`` is not finite: which rows are fine, and copies to restore
+        the others from (a rare step, worth a copy of those tensors only)."""
+        held, checks = [], iter(checks)
+        for _, params, _, specs in work:
+            for p, spec in zip(params, specs):
+                ok = torch.isfinite(next(checks))
+                if not bool(ok.all()):
+                    v = self.state[p].get("v") if self.state.get(p) else None
+                    held.append((p, spec, ok, p.detach().clone(), None if v is None else v.clone()))
+        return held
 
     def _native_step(self, work) -> bool:
         """The whole step by the C kernel (``fused=True`` on CPU, eager), or False where it does not apply: a
@@ -225,12 +257,19 @@ class Nero(torch.optim.Optimizer):
             batch = _native.Batch([g for _, _, g, _, _ in mine], [st for *_, st in mine], shapes,
                                   [group["beta"] for group, *_ in mine])
             batches.append((batch, mine))
+        def arguments(mine):  # parameters, flags and signed learning rates, in the batch's order
+            return ([p.detach() for _, p, _, _, _ in mine], [_native_flags(s) for _, _, _, s, _ in mine],
+                    [float(g["lr"]) * (-1.0 if g["maximize"] else 1.0) for g, *_ in mine])
+
+        if self._skip_mode == "neuron":  # one pass: each row checked as it is read, the bad ones held back
+            held = [_native.step(batch, *arguments(mine)) for batch, mine in batches]
+            self._skipped += int(any(held))
+            return True
         if not all([_native.new_v(batch) for batch, _ in batches]):  # every batch's check, then the verdict
             self._skipped += 1
             return True
         for batch, mine in batches:
-            _native.apply(batch, [p.detach() for _, p, _, _, _ in mine], [_native_flags(s) for _, _, _, s, _ in mine],
-                          [float(g["lr"]) * (-1.0 if g["maximize"] else 1.0) for g, *_ in mine])
+            _native.apply(batch, *arguments(mine))
         return True
 
     def _step_sizes(self, group, params, grads, specs) -> list[StepSizes | None]:

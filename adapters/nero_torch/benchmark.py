@@ -41,6 +41,7 @@ OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "sgd_foreach": lambda ps: torch.optim.SGD(ps, lr=1e-3, foreach=True),
     "nero": lambda ps: Nero(ps),
     "nero_fused": lambda ps: Nero(ps, fused=True),
+    "nero_fused_neuron": lambda ps: Nero(ps, fused=True, skip_nonfinite="neuron"),
 }
 
 
