@@ -28,7 +28,7 @@ ADAPTERS = {"torch-cpu": ("nero_torch", "Nero"), "jax-cpu": ("nero_optax", "nero
 
 
 def _adapter_missing(backend: str, optimizer: str) -> bool:
-    if optimizer not in ("nero", "nero-fused") or backend not in ADAPTERS:
+    if not optimizer.startswith("nero") or optimizer == "nero-core" or backend not in ADAPTERS:
         return False
     module, name = ADAPTERS[backend]
     return importlib.util.find_spec(module) is None or not hasattr(importlib.import_module(module), name)

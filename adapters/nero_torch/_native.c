@@ -70,6 +70,14 @@ VEC(double, f64, 8)
         for (int64_t i = 0; i < k; ++i) w[i] = (w[i] - step_size * d[i] - shift) * scale;                           \
     }
 
+/* One element of a bias-like tensor: what UPDATE_ROW does for a row of length 1, written for vector lanes. */
+#define UPDATE_ELEMENT(NAME, T)                                                                                     \
+    static inline void NAME(T *w, T d, T *v, double v_row, double scale_lr, double correction) {                    \
+        *v = (T)v_row;                                                                                              \
+        const T step_size = (T)(v_row > 0 ? scale_lr / sqrt(v_row / correction) : 0.0);                            \
+        *w = *w - step_size * d;                                                                                    \
+    }
+
 /* The new v of a row: beta and 1 - beta as the state's dtype holds them (as in the core rule: a Python float
  * meets a T array), |g_row|^2 summed in T (in vector lanes, then across them). The callers keep beta and decay
  * in T variables: held as doubles initialised with (double)(T)x, GCC 12's OpenMP outlining dropped the rounding. */
@@ -103,6 +111,7 @@ VEC(double, f64, 8)
 
 #define KERNELS(SUF, T)                                                                                             \
     UPDATE_ROW(update_row_##SUF, T, SUF)                                                                            \
+    UPDATE_ELEMENT(update_element_##SUF, T)                                                                         \
     NEW_V(new_v_##SUF, T, SUF)                                                                                      \
                                                                                                                     \
     int nero_row_sums_##SUF(int64_t count, const int64_t *g_ptrs, const int64_t *v_ptrs, const int64_t *rows,       \
@@ -134,9 +143,16 @@ VEC(double, f64, 8)
         for (int64_t t = 0; t < count; ++t) {                                                                       \
             TENSOR_SETUP(T)                                                                                         \
             const double *row_v = v_new + offsets[t];                                                               \
-            _Pragma("omp parallel for num_threads(threads) schedule(static) if(n * k > 65536)")                     \
-            for (int64_t r = 0; r < n; ++r)                                                                         \
-                update_row_##SUF(p + r * k, g + r * k, v + r, row_v[r], k, scale_lr, correction, centre, normalise); \
+            if (k == 1 && !centre && !normalise) { /* bias-like: elementwise, in vector lanes */                    \
+                _Pragma("omp simd")                                                                                 \
+                for (int64_t r = 0; r < n; ++r)                                                                     \
+                    update_element_##SUF(p + r, g[r], v + r, row_v[r], scale_lr, correction);                       \
+            } else {                                                                                                \
+                _Pragma("omp parallel for num_threads(threads) schedule(static) if(n * k > 65536)")                 \
+                for (int64_t r = 0; r < n; ++r)                                                                     \
+                    update_row_##SUF(p + r * k, g + r * k, v + r, row_v[r], k, scale_lr, correction, centre,        \
+                                     normalise);                                                                    \
+            }                                                                                                       \
             *step += 1.0f;                                                                                          \
         }                                                                                                           \
     }                                                                                                               \
@@ -148,6 +164,18 @@ VEC(double, f64, 8)
         int64_t skipped = 0;                                                                                        \
         for (int64_t t = 0; t < count; ++t) {                                                                       \
             TENSOR_SETUP(T)                                                                                         \
+            if (k == 1 && !centre && !normalise) { /* bias-like: elementwise, in vector lanes */                    \
+                _Pragma("omp simd reduction(+ : skipped)")                                                          \
+                for (int64_t r = 0; r < n; ++r) {                                                                   \
+                    const T v_row = (T)((double)beta * (double)v[r] + (double)decay * (double)(g[r] * g[r]));       \
+                    if (isfinite(v_row))                                                                            \
+                        update_element_##SUF(p + r, g[r], v + r, (double)v_row, scale_lr, correction);              \
+                    else                                                                                            \
+                        ++skipped;                                                                                  \
+                }                                                                                                   \
+                *step += 1.0f;                                                                                      \
+                continue;                                                                                           \
+            }                                                                                                       \
             _Pragma("omp parallel for num_threads(threads) schedule(static) reduction(+ : skipped) if(n * k > 65536)") \
             for (int64_t r = 0; r < n; ++r) {                                                                       \
                 const T v_row = new_v_##SUF(g + r * k, k, v[r], beta, decay);                                       \

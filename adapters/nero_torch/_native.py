@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -86,43 +87,47 @@ def _suffix(dtype: torch.dtype) -> str:
     return {torch.float32: "f32", torch.float64: "f64"}[dtype]
 
 
-def _int64s(values: list[int]) -> Tensor:
-    return torch.tensor(values, dtype=torch.int64)
+def _int64s(values: list[int]) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
 
 
-def _ptr(t: Tensor, kind=_I64):
-    return ctypes.cast(t.data_ptr(), kind)
+def _doubles(values: list[float]) -> ctypes.Array:
+    return (ctypes.c_double * len(values))(*values)
 
 
 class Batch:
-    """Tensors of one dtype laid out for the kernels: pointers, row counts and lengths, row offsets, and the
-    new ``v`` of every row (phase one's result, phase two's input)."""
+    """Tensors of one dtype laid out for the kernels (as ctypes arrays, cheaper to build each step than tensors):
+    pointers, row counts and lengths, row offsets, and (phase one's result, phase two's input) the new ``v`` of
+    every row."""
 
     def __init__(self, grads: list[Tensor], states: list[dict[str, Tensor]], shapes: list[tuple[int, int]],
                  betas: list[float]):
         self.dtype = grads[0].dtype
         self.count = len(grads)
-        self.rows = _int64s([n for n, _ in shapes])
+        rows = [n for n, _ in shapes]
+        self.rows = _int64s(rows)
         self.cols = _int64s([k for _, k in shapes])
-        self.offsets = _int64s([0] + [n for n, _ in shapes][:-1]).cumsum(0)
-        self.v_new = torch.empty(int(self.rows.sum()), dtype=torch.float64)
-        self.betas = torch.tensor(betas, dtype=torch.float64)
+        self.offsets = _int64s([0, *itertools.accumulate(rows[:-1])])
+        self.total_rows = sum(rows)
+        self.betas = _doubles(betas)
         # every tensor whose address goes to C is held here until the batch is dropped
         self.tensors = grads, states
         self.grads = _int64s([g.data_ptr() for g in grads])
         self.v, self.sigma, self.step = (_int64s([s[key].data_ptr() for s in states]) for key in ("v", "sigma", "step"))
-
-
-def _per_tensor(params: list[Tensor], flags: list[int], lrs: list[float]) -> tuple[Tensor, Tensor, Tensor]:
-    return _int64s([t.data_ptr() for t in params]), _int64s(flags), torch.tensor(lrs, dtype=torch.float64)
+        self.v_new: ctypes.Array | None = None
 
 
 def new_v(batch: Batch) -> bool:
     """Phase one: every row's new ``v`` into ``batch`` (nothing written to the state); True when all are finite."""
     fn = getattr(library(), f"nero_row_sums_{_suffix(batch.dtype)}")
-    finite = fn(batch.count, _ptr(batch.grads), _ptr(batch.v), _ptr(batch.rows), _ptr(batch.cols),
-                _ptr(batch.offsets), _ptr(batch.betas, _F64), _ptr(batch.v_new, _F64), torch.get_num_threads())
+    batch.v_new = (ctypes.c_double * batch.total_rows)()
+    finite = fn(batch.count, batch.grads, batch.v, batch.rows, batch.cols, batch.offsets, batch.betas, batch.v_new,
+                torch.get_num_threads())
     return bool(finite)
+
+
+def _per_tensor(params: list[Tensor], flags: list[int], lrs: list[float]) -> tuple[ctypes.Array, ...]:
+    return _int64s([t.data_ptr() for t in params]), _int64s(flags), _doubles(lrs)
 
 
 def apply(batch: Batch, params: list[Tensor], flags: list[int], lrs: list[float]) -> None:
@@ -130,9 +135,8 @@ def apply(batch: Batch, params: list[Tensor], flags: list[int], lrs: list[float]
     maximise)."""
     fn = getattr(library(), f"nero_apply_{_suffix(batch.dtype)}")
     p, flag_bits, lr = _per_tensor(params, flags, lrs)
-    fn(batch.count, _ptr(p), _ptr(batch.grads), _ptr(batch.v), _ptr(batch.sigma), _ptr(batch.step),
-       _ptr(batch.rows), _ptr(batch.cols), _ptr(flag_bits), _ptr(batch.offsets), _ptr(batch.v_new, _F64),
-       _ptr(lr, _F64), _ptr(batch.betas, _F64), torch.get_num_threads())
+    fn(batch.count, p, batch.grads, batch.v, batch.sigma, batch.step, batch.rows, batch.cols, flag_bits, batch.offsets,
+       batch.v_new, lr, batch.betas, torch.get_num_threads())
 
 
 def step(batch: Batch, params: list[Tensor], flags: list[int], lrs: list[float]) -> int:
@@ -140,6 +144,5 @@ def step(batch: Batch, params: list[Tensor], flags: list[int], lrs: list[float])
     weights and ``v``; returns how many rows did."""
     fn = getattr(library(), f"nero_step_{_suffix(batch.dtype)}")
     p, flag_bits, lr = _per_tensor(params, flags, lrs)
-    return int(fn(batch.count, _ptr(p), _ptr(batch.grads), _ptr(batch.v), _ptr(batch.sigma), _ptr(batch.step),
-                  _ptr(batch.rows), _ptr(batch.cols), _ptr(flag_bits), _ptr(lr, _F64), _ptr(batch.betas, _F64),
-                  torch.get_num_threads()))
+    return int(fn(batch.count, p, batch.grads, batch.v, batch.sigma, batch.step, batch.rows, batch.cols, flag_bits,
+                  lr, batch.betas, torch.get_num_threads()))

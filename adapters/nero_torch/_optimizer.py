@@ -241,29 +241,32 @@ class Nero(torch.optim.Optimizer):
         on an axis other than 0."""
         if torch.compiler.is_compiling():
             return False
-        entries = []
+        by_dtype: dict[torch.dtype, list[tuple]] = {}
         for group, params, grads, specs in work:
+            if not params:
+                continue
+            if not (group["fused"] and group["foreach"] is not False):
+                return False
+            lr, beta = float(group["lr"]) * (-1.0 if group["maximize"] else 1.0), group["beta"]  # lr signed
             for p, g, spec in zip(params, grads, specs):
                 state = self.state.get(p)
-                if not (group["fused"] and group["foreach"] is not False and state and _native_fits(p, g, spec)):
+                if not (state and _native_fits(p, g, spec)):
                     return False
-                entries.append((group, p, g, spec, state))
+                rows = p.shape[0] if spec.axis == 0 else p.numel()
+                by_dtype.setdefault(p.dtype, []).append(
+                    (p.detach(), g, state, (rows, p.numel() // rows), _native_flags(spec), lr, beta)
+                )
         if _native.library() is None:
             return False
-        batches = []
-        for dtype in {p.dtype for _, p, _, _, _ in entries}:
-            mine = [e for e in entries if e[1].dtype == dtype]
-            shapes = [(p.shape[0], p.numel() // p.shape[0]) if s.axis == 0 else (p.numel(), 1) for _, p, _, s, _ in mine]
-            batch = _native.Batch([g for _, _, g, _, _ in mine], [st for *_, st in mine], shapes,
-                                  [group["beta"] for group, *_ in mine])
-            batches.append((batch, mine))
+        batches = [(_native.Batch([e[1] for e in mine], [e[2] for e in mine], [e[3] for e in mine],
+                                  [e[6] for e in mine]), mine) for mine in by_dtype.values()]
+
         def arguments(mine):  # parameters, flags and signed learning rates, in the batch's order
-            return ([p.detach() for _, p, _, _, _ in mine], [_native_flags(s) for _, _, _, s, _ in mine],
-                    [float(g["lr"]) * (-1.0 if g["maximize"] else 1.0) for g, *_ in mine])
+            return [e[0] for e in mine], [e[4] for e in mine], [e[5] for e in mine]
 
         if self._skip_mode == "neuron":  # one pass: each row checked as it is read, the bad ones held back
-            held = [_native.step(batch, *arguments(mine)) for batch, mine in batches]
-            self._skipped += int(any(held))
+            if any([_native.step(batch, *arguments(mine)) for batch, mine in batches]):  # every batch, then count
+                self._skipped += 1
             return True
         if not all([_native.new_v(batch) for batch, _ in batches]):  # every batch's check, then the verdict
             self._skipped += 1

@@ -9,8 +9,8 @@ Backends and the optimizers measured on each (``BACKENDS``):
 
 * ``numpy``, ``cupy``: ``nero`` is ``nero_core.nero`` itself; ``adam`` and ``sgd`` are baselines written here
   with in-place operators (NumPy and CuPy ship no optimizers).
-* ``torch-cpu``, ``torch-cuda``: ``nero`` and ``nero-fused`` are ``nero_torch.Nero`` (``fused=True`` for the
-  second); ``nero-core`` is ``nero_core.nero`` called on the tensors, the result copied back in place (the
+* ``torch-cpu``, ``torch-cuda``: ``nero``, ``nero-fused`` and ``nero-fused-neuron`` are ``nero_torch.Nero``
+  (``fused=True`` for the second, and ``skip_nonfinite="neuron"`` for the third: one pass over memory on CPU); ``nero-core`` is ``nero_core.nero`` called on the tensors, the result copied back in place (the
   reference the adapter should beat); ``adam-fused``/``adam-foreach`` are ``torch.optim.Adam``; ``lamb`` is
   ``pytorch_optimizer.Lamb``; ``muon`` is ``torch.optim.Muon`` on hidden 2-D weights with fused Adam for the rest;
   ``sgd`` is ``torch.optim.SGD(foreach=True)`` without momentum, the bandwidth floor.
@@ -36,7 +36,9 @@ from .shapes import Tensor, shape_set
 
 __all__ = ["BACKENDS", "Case", "Unavailable", "make_case", "tree_nbytes"]
 
-_TORCH = ("nero", "nero-fused", "nero-core", "adam-fused", "adam-foreach", "lamb", "muon", "sgd")
+_TORCH = (
+    "nero", "nero-fused", "nero-fused-neuron", "nero-core", "adam-fused", "adam-foreach", "lamb", "muon", "sgd",
+)
 _JAX = ("nero", "nero-core", "adam", "lamb", "muon", "sgd")
 _ARRAY_API = ("nero", "adam", "sgd")
 
@@ -218,6 +220,8 @@ def _torch_optimizers(optimizer: str, params: list[Any], tensors: Sequence[Tenso
         return [_require("nero_torch", "Nero")(params, lr=NERO_LR)]
     if optimizer == "nero-fused":
         return [_require("nero_torch", "Nero")(params, lr=NERO_LR, fused=True)]
+    if optimizer == "nero-fused-neuron":
+        return [_require("nero_torch", "Nero")(params, lr=NERO_LR, fused=True, skip_nonfinite="neuron")]
     if optimizer == "nero-core":
         return [_TorchCoreRule(params)]
     if optimizer == "adam-fused":
