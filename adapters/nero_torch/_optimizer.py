@@ -57,14 +57,14 @@ class Nero(torch.optim.Optimizer):
         maximize: ascend the objective instead.
         foreach: None or True: the fast path (exact algebra, see ``_functional``); False: call the
             array-API core rule ``nero_core.nero`` on the tensors (the reference, slower).
-        fused: True: the fastest kernels. On CPU (eager, float32/float64, contiguous parameters with their
-            neurons on axis 0, as ``Linear``, ``Conv*d`` and ``Embedding`` have them) a C kernel does the whole
-            step in two passes, one reading the gradients and one reading and writing each row while it is in
-            cache, with torch's thread count (built with the system's C compiler on first use, about a second,
-            then cached; see ``nero_torch._native``). Elsewhere (CUDA, under ``torch.compile``, other layouts)
-            the fast path of neuron tensors runs as ``torch.compile``'d kernels: compilation on the first
-            steady-state step, once per tensor rank, dtype and device (sizes are dynamic), 17 s single-threaded
-            for a GPT-2-like model on a 2-core CPU. Not with ``foreach=True``.
+        fused: True: the fastest kernels. On CPU (eager, float32/float64, contiguous parameters with their neurons
+            on axis 0, as ``Linear``, ``Conv*d`` and ``Embedding`` have them) a C kernel does the whole step,
+            reading and writing each row while it is in cache (after a first pass reading the gradients, unless
+            ``skip_nonfinite="neuron"``), with torch's thread count (built with the system's C compiler on first
+            use, about a second, then cached; see ``nero_torch._native``). Elsewhere (CUDA, under ``torch.compile``,
+            other layouts) the fast path of neuron tensors runs as ``torch.compile``'d kernels: compilation on the
+            first steady-state step, once per tensor rank, dtype and device (sizes are dynamic), 17 s
+            single-threaded for a GPT-2-like model on a 2-core CPU. Not with ``foreach=True``.
         skip_nonfinite: True or ``"step"``: a step in which any gradient holds NaN or Inf is skipped whole (see
             below); the C kernel then reads the gradients twice, once to check them all before anything is
             written. ``"neuron"``: only the neurons (rows; elements of bias-like tensors) whose gradient is not
@@ -74,12 +74,14 @@ class Nero(torch.optim.Optimizer):
     DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) are updated on their local shards, with no
     communication where each neuron's row lies on one rank (see ``nero_torch._dtensor`` for the other layouts).
 
-    Non-finite gradients: when any gradient of any group holds NaN or Inf, the whole step is skipped
-    (parameters and state, step counts included, unchanged; with ``skip_nonfinite="neuron"``, only the neurons
-    concerned) and :attr:`skipped_steps` counts it; the count is saved in the state dict. Each parameter keeps its own step count; a parameter without a gradient is
-    skipped and keeps its state. State is float32 for bf16/fp16 parameters, also after ``load_state_dict``.
-    With ``OneCycleLR`` pass ``cycle_momentum=False``: Nero has no momentum to cycle.
+    Non-finite gradients: when any gradient of any group holds NaN or Inf, the whole step is skipped (parameters and
+    state, step counts included, unchanged; with ``skip_nonfinite="neuron"``, only the neurons concerned) and
+    :attr:`skipped_steps` counts it; the count is saved in the state dict. Each parameter keeps its own step count;
+    a parameter without a gradient is skipped and keeps its state. State is float32 for bf16/fp16 parameters, also
+    after ``load_state_dict``. With ``OneCycleLR`` pass ``cycle_momentum=False``: Nero has no momentum to cycle.
     """
+
+    _skip_mode = "step"  # for an optimizer pickled before skip_nonfinite existed
 
     def __init__(
         self,

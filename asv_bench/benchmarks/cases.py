@@ -10,8 +10,9 @@ Backends and the optimizers measured on each (``BACKENDS``):
 * ``numpy``, ``cupy``: ``nero`` is ``nero_core.nero`` itself; ``adam`` and ``sgd`` are baselines written here
   with in-place operators (NumPy and CuPy ship no optimizers).
 * ``torch-cpu``, ``torch-cuda``: ``nero``, ``nero-fused`` and ``nero-fused-neuron`` are ``nero_torch.Nero``
-  (``fused=True`` for the second, and ``skip_nonfinite="neuron"`` for the third: one pass over memory on CPU); ``nero-core`` is ``nero_core.nero`` called on the tensors, the result copied back in place (the
-  reference the adapter should beat); ``adam-fused``/``adam-foreach`` are ``torch.optim.Adam``; ``lamb`` is
+  (``fused=True`` for the second, and ``skip_nonfinite="neuron"`` for the third: one pass over memory on CPU);
+  ``nero-core`` is ``nero_core.nero`` called on the tensors, the result copied back in place (the reference the
+  adapter should beat); ``adam-fused``/``adam-foreach`` are ``torch.optim.Adam``; ``lamb`` is
   ``pytorch_optimizer.Lamb``; ``muon`` is ``torch.optim.Muon`` on hidden 2-D weights with fused Adam for the rest;
   ``sgd`` is ``torch.optim.SGD(foreach=True)`` without momentum, the bandwidth floor.
 * ``jax-cpu``, ``jax-gpu`` (every step ``jax.jit``'d, parameters and state donated): ``nero`` is
