@@ -7,7 +7,7 @@ the small_fc_lopt baseline), AdamAggMo (STAR's nominal term alone), Adam at 1e-3
 rate from a grid (chosen per task by the mean final training loss over seeds). Every run of a group is one
 ``vmap`` under one ``jit``; all optimizers of a seed see the same minibatches.
 
-    python examples/star_eval.py            # the reduced evaluation, three seeds (tens of minutes on 2 busy cores)
+    python examples/star_eval.py            # the evaluation, three seeds (about 5 minutes on 2 cores)
     python examples/star_eval.py --quick    # CI smoke run, well under a minute
 """
 

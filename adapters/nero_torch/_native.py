@@ -25,7 +25,9 @@ from torch import Tensor
 __all__ = ["CENTRE", "NORMALISE", "Batch", "apply", "library", "new_v", "step"]
 
 SOURCE = Path(__file__).with_name("_native.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+FLAGS = [
+    "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
+]
 CENTRE, NORMALISE = 1, 2
 _I64 = ctypes.POINTER(ctypes.c_int64)
 _F64 = ctypes.POINTER(ctypes.c_double)

@@ -1,11 +1,11 @@
 """Meta-train STAR (and the baseline without the nominal term) and write the shipped meta-parameters.
 
-    python -m nero_optax.metatrain                 # the shipped parameters: both variants, about an hour of CPU
+    python -m nero_optax.metatrain                 # the shipped parameters: both variants, ~16 min on one core
     python -m nero_optax.metatrain --outer-steps 4000 --pairs 16 --truncation 50 --horizon 1000 --tag long
-                                                   # a longer run (estimated from the step rate: about 9 CPU hours)
+                                                   # a longer run (about 4 CPU hours, estimated from the step rate)
 
-The defaults are the run that made the parameters shipped in ``nero_core/data`` (a fixed number of outer steps,
-so the same command gives the same parameters on the same software); ``--minutes`` stops a run early by the clock.
+The defaults are the run that made the parameters shipped in ``nero_core/data``: a fixed number of outer steps,
+not a time budget, so a rerun takes the same steps (``--minutes`` stops a run early by the clock instead).
 
 Writes ``<out-dir>/<name>.npz`` (the MLP weights) and ``<name>.json`` (command, configuration, wall time, stability
 check), and appends one JSON line per outer step to ``--log``.
