@@ -32,6 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from . import _native
+
 __all__ = ["neuron_step"]
 
 SIGMA_FLOOR = 0.01  # the core's sigma for a tensor that starts at zero
@@ -91,7 +93,10 @@ def neuron_step(
     w, grad = p.astype(dtype), g.astype(dtype)
     others = tuple(i for i in range(p.ndim) if i != axis)
     n = math.prod(p.shape[i] for i in others)
-    sg, sgg, swg = (jnp.sum(x, axis=others) for x in (grad, grad * grad, w * grad))
+    if g.dtype == dtype and _native.applies(w, axis):  # one read of g and w (XLA would read g three times)
+        sg, sgg, swg = _native.sums(grad, w, axis)
+    else:
+        sg, sgg, swg = (jnp.sum(x, axis=others) for x in (grad, grad * grad, w * grad))
 
     first = t == 0
     sw, sww = _weight_sums(w, t <= 1, v, others, centre=centre, normalise=normalise, stored_exactly=p.dtype == dtype)

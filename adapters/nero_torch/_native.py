@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import itertools
 import os
-import platform
 import shutil
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from nero_core._kernels import load_library
 
 __all__ = ["CENTRE", "NORMALISE", "Batch", "apply", "library", "new_v", "step"]
 
@@ -33,44 +30,12 @@ _I64 = ctypes.POINTER(ctypes.c_int64)
 _F64 = ctypes.POINTER(ctypes.c_double)
 
 
-def _cpu_key() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    except OSError:
-        flags = platform.processor()
-    return platform.machine() + flags
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (with a warning) where they cannot be built here."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        warnings.warn("Nero(fused=True): no C compiler found; using the torch kernels", RuntimeWarning, stacklevel=3)
-        return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode() + _cpu_key().encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("NERO_KERNEL_CACHE", Path.home() / ".cache" / "nero-core" / "kernels"))
-    path = cache / f"nero_native_{key}.so"
-    if not path.is_file():
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                built = Path(tmp) / path.name
-                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True,
-                               capture_output=True, text=True)
-                os.replace(built, path)  # atomic: concurrent builders never load a half-written file
-        except (OSError, subprocess.CalledProcessError) as error:
-            detail = getattr(error, "stderr", "") or error
-            warnings.warn(f"Nero(fused=True): could not build the CPU kernel ({detail}); using the torch kernels",
-                          RuntimeWarning, stacklevel=3)
-            return None
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as error:  # a truncated file in the cache, a runtime library gone since it was built
-        warnings.warn(f"Nero(fused=True): could not load the CPU kernel {path} ({error}); using the torch kernels",
-                      RuntimeWarning, stacklevel=3)
+    lib = load_library(SOURCE, compiler, FLAGS, libs=["-lm"], who="Nero(fused=True)", fallback="the torch kernels")
+    if lib is None:
         return None
     for suffix in ("f32", "f64"):
         sums = getattr(lib, f"nero_row_sums_{suffix}")

@@ -1,0 +1,58 @@
+"""The CPU kernel of ``nero_optax.nero``'s fused step: ``_native.cc``, an XLA FFI custom call, compiled on first
+use with the system's C++ compiler against the headers jaxlib ships, cached (see ``nero_core._kernels``) and
+registered with JAX.
+
+It reads a neuron tensor's gradient and weights once for the three per-neuron sums the step needs before it
+writes; without it XLA on CPU reads the gradient three times for them. Where it does not apply (another
+platform, more than one device, a dtype other than float32/float64, neurons on a middle axis) or cannot be
+built, :func:`sums` is not used and the step takes the sums with ``jnp.sum``: the same maths.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nero_core._kernels import load_library
+
+__all__ = ["applies", "sums"]
+
+SOURCE = Path(__file__).with_name("_native.cc")
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp-simd", "-fPIC", "-shared", "-ffp-contract=off", "-w"]
+TARGET = "nero_optax_sums"
+
+
+@functools.cache
+def _registered() -> bool:
+    """Build, load and register the custom call once per process; False (with a warning) where it cannot be."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    lib = load_library(SOURCE, compiler, [*FLAGS, f"-I{jax.ffi.include_dir()}"], who="nero_optax.nero",
+                       fallback="XLA's reductions", language="C++", key=jax.__version__)
+    if lib is None:
+        return False
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.NeroSums), platform="cpu")
+    return True
+
+
+def applies(w: Any, axis: int) -> bool:
+    """Whether :func:`sums` serves a tensor (its weights in the compute dtype) with neurons on ``axis``."""
+    return (
+        w.ndim >= 2 and axis % w.ndim in (0, w.ndim - 1) and w.dtype in (jnp.float32, jnp.float64)
+        and jax.default_backend() == "cpu" and jax.device_count() == 1 and _registered()
+    )
+
+
+def sums(g: Any, w: Any, axis: int) -> tuple[Any, Any, Any]:
+    """Per neuron ``sum(g)``, ``|g|^2`` and ``<w, g>`` in one read of ``g`` and ``w`` (see :func:`applies`)."""
+    last = axis % g.ndim == g.ndim - 1
+    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((3, g.shape[axis]), g.dtype), vmap_method="sequential")(
+        g, w, neurons_last=np.int64(last)
+    )
+    return out[0], out[1], out[2]
