@@ -106,8 +106,12 @@ def nero(
             :func:`nero_optax.flax_neuron_axis` to give Flax embedding tables ``(vocab, features)`` axis 0.
             Torch-layout weights ``(out, in, ...)``, as in Equinox's ``Linear``, ``Conv`` and ``Embedding``,
             need ``neuron_axis=0`` (transposed convolutions in torch layout: 1).
-        fused: use the fused JAX kernel for neuron leaves (two passes over memory); False runs the array-API
-            core rule, the reference, which this matches to rounding.
+        fused: use the fused JAX kernel for neuron leaves (two passes over memory: the per-neuron sums, then
+            one read-and-write pass that ``optax.apply_updates`` fuses into); on CPU, with one device, the sums of
+            float32/float64 leaves with neurons on their first or last axis are an XLA FFI custom call built on
+            first use with the system's C++ compiler (``nero_optax._native``), which reads the gradient once
+            for them instead of three times. False runs the array-API core rule, the reference, which this
+            matches to rounding.
 
     Returns:
         An ``optax.GradientTransformation``.
