@@ -7,7 +7,6 @@
 // read g three times and w once for them, one reduction at a time.
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -17,13 +16,9 @@ namespace {
 
 template <typename T>
 void neurons_last(const T* g, const T* w, int64_t fan_in, int64_t n, T* sg, T* sgg, T* swg) {
-  // The three running sums a cache line apart from 4 KiB multiples of each other: stores to one and loads from
-  // the next at the same address bits 0-11 would stall on false store-to-load dependencies (n is often 2^k).
-  const int64_t stride = n + 64 / static_cast<int64_t>(sizeof(T));
-  std::vector<T> acc(3 * stride, T(0));
-  T* a = acc.data();
-  T* b = a + stride;
-  T* c = b + stride;
+  std::memset(sg, 0, n * sizeof(T));
+  std::memset(sgg, 0, n * sizeof(T));
+  std::memset(swg, 0, n * sizeof(T));
   int64_t i = 0;
   for (; i + 8 <= fan_in; i += 8) {  // eight rows per sweep: an eighth of the running sums' loads and stores
     const T* gr = g + i * n;
@@ -37,9 +32,9 @@ void neurons_last(const T* g, const T* w, int64_t fan_in, int64_t n, T* sg, T* s
         sb += x[r] * x[r];
         sc += wr[r * n + j] * x[r];
       }
-      a[j] += sa;
-      b[j] += sb;
-      c[j] += sc;
+      sg[j] += sa;
+      sgg[j] += sb;
+      swg[j] += sc;
     }
   }
   for (; i < fan_in; ++i) {
@@ -48,14 +43,11 @@ void neurons_last(const T* g, const T* w, int64_t fan_in, int64_t n, T* sg, T* s
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const T x = gi[j];
-      a[j] += x;
-      b[j] += x * x;
-      c[j] += wi[j] * x;
+      sg[j] += x;
+      sgg[j] += x * x;
+      swg[j] += wi[j] * x;
     }
   }
-  std::memcpy(sg, a, n * sizeof(T));
-  std::memcpy(sgg, b, n * sizeof(T));
-  std::memcpy(swg, c, n * sizeof(T));
 }
 
 template <typename T>
