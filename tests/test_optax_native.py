@@ -13,8 +13,11 @@ import jax.numpy as jnp  # noqa: E402
 import nero_optax  # noqa: E402
 from nero_optax import _native  # noqa: E402
 
-# 2-D both ways, a conv kernel (kh, kw, in, out), fan-in not a multiple of the kernel's 8-row sweep, one neuron.
-CASES = [((37, 24), -1), ((24, 37), 0), ((3, 3, 5, 16), 3), ((19, 1024), 1), ((200, 1), 1), ((1, 200), 0)]
+# 2-D both ways, a conv kernel (kh, kw, in, out), fan-in not a multiple of the kernel's 4-row sweep, one neuron;
+# then tensors large enough to be shared between threads: neurons last over several 128-row blocks (the last one
+# short) with a column count that is not a whole number of vector lanes, and neurons first.
+CASES = [((37, 24), -1), ((24, 37), 0), ((3, 3, 5, 16), 3), ((19, 1024), 1), ((200, 1), 1), ((1, 200), 0),
+         ((1029, 67), -1), ((2, 150, 301), 2), ((700, 130), 0)]
 
 
 @pytest.fixture
@@ -35,6 +38,9 @@ def test_sums_match_float64_numpy(native, shape, axis, dtype):
     g, w = (rng.normal(size=shape).astype(dtype) for _ in range(2))
     assert _native.applies(jnp.asarray(w), axis)
     got = jax.jit(_native.sums, static_argnums=2)(jnp.asarray(g), jnp.asarray(w), axis)
+    again = jax.jit(_native.sums, static_argnums=2)(jnp.asarray(g), jnp.asarray(w), axis)
+    for a, b in zip(got, again):  # threads take the parts in any order; the sums do not depend on it
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     others = tuple(i for i in range(len(shape)) if i != axis % len(shape))
     g64, w64 = g.astype(np.float64), w.astype(np.float64)
     expected = (g64.sum(others), (g64 * g64).sum(others), (w64 * g64).sum(others))

@@ -13,11 +13,13 @@ Every mean and norm above is a function of five row sums of the *old* row, ``sum
     sum(r) = sum(w0) - c sum(g)                    |r|^2 = a^2 |w - m|^2 - 2 c <w0, g> + c^2 |g|^2
     |r - mean(r)|^2 = |r|^2 - sum(r)^2 / n
 
-so a step reduces ``g``, ``g*g`` and ``w*g`` per row and then reads ``w`` and ``g`` once more to write
-``out = s * (a (w - m) - c g - mean(r))``. (XLA on CPU runs each reduction as its own pass: four array reads
-and one read-and-write pass in all, against Adam's four reads and three writes.) The t == 0 projection is folded
-into the per-row scalars ``(m, a)`` (``(0, 1)`` afterwards), so no step pays for it twice. Sums run over every
-axis but the neuron axis in place: no transpose, whatever the layout.
+so a step reduces ``g``, ``g*g`` and ``w*g`` per row (one read of ``g`` and ``w`` with the CPU custom call of
+``_native``; XLA alone runs each reduction as its own pass) and then reads ``w`` and ``g`` once more to write
+``out = s (a (w - m) - c g - mean(r)) = scale * w - step * g - shift``, three per-row factors computed once per
+row (inside ``lax.cond``, which keeps XLA from fusing their maths into the elementwise pass and redoing it for
+every element). The t == 0 projection is folded into the per-row scalars ``(m, a)`` (``(0, 1)`` afterwards), so
+no step pays for it twice. Sums run over every axis but the neuron axis in place: no transpose, whatever the
+layout.
 
 Known limit: a row that is exactly zero after a step although it had a gradient (a zero row whose gradient was
 constant along the row, which centring cancels) is taken as unit-norm at the next step; the core rule would
@@ -55,10 +57,11 @@ def _norm(squared: Any) -> Any:
     return jnp.sqrt(jnp.maximum(squared, 0))  # an expanded square can round below zero
 
 
-def _weight_sums(
-    w: Any, fresh: Any, v: Any, others: tuple[int, ...], *, centre: bool, normalise: bool, stored_exactly: bool
+def _with_weight_sums(
+    per_row: Any, w: Any, fresh: Any, v: Any, others: tuple[int, ...], *, centre: bool, normalise: bool,
+    stored_exactly: bool,
 ) -> Any:
-    """``sum(w)`` and ``|w|^2`` per row, read from memory only when they are not known already.
+    """``per_row(sum(w), |w|^2)``, the two row sums read from memory only when they are not known already.
 
     After its first update every row this kernel wrote is balanced: zero-mean if ``centre``, unit-norm if
     ``normalise``. The exceptions, where rows are read (under ``lax.cond``, so other steps skip the reads):
@@ -67,28 +70,32 @@ def _weight_sums(
     whose ``v`` is 0 (it never had a gradient); and rows stored in a narrower dtype than the maths (bf16, fp16),
     balanced only to its rounding, which trusted sums would let random-walk (3.5% in bf16 row norms after 3000
     steps), so they are read at every step.
+
+    ``per_row`` runs inside the branches, so its results (per-row vectors) are materialised once: were they
+    computed outside, XLA would fuse their maths into the elementwise pass that consumes them and redo it for
+    every element of the row.
     """
 
-    def read(w: Any) -> tuple[Any, Any]:
-        return jnp.sum(w, axis=others), jnp.sum(w * w, axis=others)
+    def read(w: Any) -> Any:
+        return per_row(jnp.sum(w, axis=others), jnp.sum(w * w, axis=others))
 
     if not (centre or normalise) or not stored_exactly:
         return read(w)
 
-    def known(w: Any) -> tuple[Any, Any]:
+    def known(w: Any) -> Any:
         sw = jnp.zeros(v.shape, w.dtype) if centre else jnp.sum(w, axis=others)
         sww = jnp.ones(v.shape, w.dtype) if normalise else jnp.sum(w * w, axis=others)
-        return sw, sww
+        return per_row(sw, sww)
 
     return jax.lax.cond(fresh | jnp.any(v == 0), read, known, w)
 
 
 def neuron_step(
     p: Any, g: Any, t: Any, v: Any, sigma: Any, *, axis: int, lr: Any, beta: Any, centre: bool, normalise: bool
-) -> tuple[Any, Any, Any]:
-    """One Nero step for a neuron tensor; returns ``(new p in p's dtype, v, sigma, finite)``, ``v`` of shape
-    ``(neurons,)``. ``finite`` says the gradient's row sums are finite: it is False for NaN or Inf in ``g`` (and for
-    a row whose sum of squares overflows), found without another pass over ``g``."""
+) -> tuple[Any, Any, Any, Any]:
+    """One Nero step for a neuron tensor; returns ``(new p in p's dtype, v, sigma, sums)``, ``v`` of shape
+    ``(neurons,)``. ``sums`` (the gradient's per-row sums and sums of squares) are finite unless ``g`` holds NaN
+    or Inf (or a row's sum of squares overflows): the caller checks them, without another pass over ``g``."""
     dtype = v.dtype
     w, grad = p.astype(dtype), g.astype(dtype)
     others = tuple(i for i in range(p.ndim) if i != axis)
@@ -97,36 +104,40 @@ def neuron_step(
         sg, sgg, swg = _native.sums(grad, w, axis)
     else:
         sg, sgg, swg = (jnp.sum(x, axis=others) for x in (grad, grad * grad, w * grad))
-
     first = t == 0
-    sw, sww = _weight_sums(w, t <= 1, v, others, centre=centre, normalise=normalise, stored_exactly=p.dtype == dtype)
-    m = jnp.where(first, sw / n, 0) if centre else jnp.zeros_like(sw)
-    centred = sww - 2 * m * sw + n * m * m
-    a = jnp.where(first, _safe_reciprocal(_norm(centred)), 1) if normalise else jnp.ones_like(sw)
-    s0, q0, x0 = a * (sw - n * m), a * a * centred, a * (swg - m * sg)
 
-    if normalise:
-        start = jnp.ones_like(sigma)
-    else:
-        mean_norm = jnp.mean(_norm(q0)) if sw.shape[0] else sigma
-        start = jnp.where(mean_norm > 0, mean_norm, SIGMA_FLOOR)
-    sigma = jnp.where(first, start, sigma).astype(dtype)
+    def per_row(sw: Any, sww: Any) -> tuple[Any, ...]:
+        m = jnp.where(first, sw / n, 0) if centre else jnp.zeros_like(sw)
+        centred = sww - 2 * m * sw + n * m * m
+        a = jnp.where(first, _safe_reciprocal(_norm(centred)), 1) if normalise else jnp.ones_like(sw)
+        s0, q0, x0 = a * (sw - n * m), a * a * centred, a * (swg - m * sg)
 
-    t = t + 1
-    v = (beta * v + (1 - beta) * sgg).astype(dtype)
-    bias_correction = (1 - beta ** t.astype(dtype)).astype(dtype)
-    c = lr * sigma * _inverse_rms(v, bias_correction)
+        if normalise:
+            start = jnp.ones_like(sigma)
+        else:
+            mean_norm = jnp.mean(_norm(q0)) if sw.shape[0] else sigma
+            start = jnp.where(mean_norm > 0, mean_norm, SIGMA_FLOOR)
+        new_sigma = jnp.where(first, start, sigma).astype(dtype)
 
-    sr = s0 - c * sg
-    qr = q0 - 2 * c * x0 + c * c * sgg
-    mr = sr / n if centre else jnp.zeros_like(sr)
-    if centre:
-        qr = qr - sr * mr
-    s = _safe_reciprocal(_norm(qr)) if normalise else jnp.ones_like(qr)
+        new_v = (beta * v + (1 - beta) * sgg).astype(dtype)
+        bias_correction = (1 - beta ** (t + 1).astype(dtype)).astype(dtype)
+        c = lr * new_sigma * _inverse_rms(new_v, bias_correction)
+
+        sr = s0 - c * sg
+        qr = q0 - 2 * c * x0 + c * c * sgg
+        mr = sr / n if centre else jnp.zeros_like(sr)
+        if centre:
+            qr = qr - sr * mr
+        s = _safe_reciprocal(_norm(qr)) if normalise else jnp.ones_like(qr)
+        # out = s (a (w - m) - c g - mr) = scale w - step g - shift
+        return s * a, s * c, s * (a * m + mr), new_v, new_sigma
+
+    scale, step, shift, v, sigma = _with_weight_sums(
+        per_row, w, t <= 1, v, others, centre=centre, normalise=normalise, stored_exactly=p.dtype == dtype
+    )
 
     def along(x: Any) -> Any:  # a per-row scalar, broadcast along the neuron axis
         return jnp.expand_dims(x, others)
 
-    out = along(s) * (along(a) * (w - along(m)) - along(c) * grad - along(mr))
-    finite = jnp.all(jnp.isfinite(sg)) & jnp.all(jnp.isfinite(sgg))
-    return out.astype(p.dtype), v, sigma, finite
+    out = along(scale) * w - along(step) * grad - along(shift)
+    return out.astype(p.dtype), v, sigma, jnp.concatenate([sg, sgg])

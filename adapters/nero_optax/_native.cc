@@ -5,8 +5,19 @@
 // first", torch's layout), one read of the gradient g and the weights w gives, per neuron, sum(g), |g|^2 and
 // <w, g>: the three sums the step needs before it writes (the rest of the step is an XLA fusion). XLA on CPU would
 // read g three times and w once for them, one reduction at a time.
+//
+// Large tensors are shared with XLA's intra-op thread pool. Every neuron's sums are taken in an order fixed by the
+// shape alone (rows in sequence; columns in fixed blocks of rows whose partial sums are added in block order), so
+// results do not depend on the number of threads.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -14,33 +25,48 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// Rows [i0, i1) of a (fan_in, n) tensor ("neurons last"), summed down each column into sg, sgg, swg (n each).
+// Four rows per sweep over the row: a quarter of the running sums' loads and stores, and few enough streams that
+// rows a power-of-two apart do not contend for one L1 set.
 template <typename T>
-void neurons_last(const T* g, const T* w, int64_t fan_in, int64_t n, T* sg, T* sgg, T* swg) {
+void column_sums(const T* g, const T* w, int64_t i0, int64_t i1, int64_t n, T* sg, T* sgg, T* swg) {
+  typedef T V __attribute__((vector_size(64)));  // one cache line of T
+  constexpr int64_t L = 64 / sizeof(T);
+  const int64_t nv = n / L * L;
+  auto ld = [](const T* p) { V x; std::memcpy(&x, p, sizeof x); return x; };
+  auto st = [](T* p, V x) { std::memcpy(p, &x, sizeof x); };
   std::memset(sg, 0, n * sizeof(T));
   std::memset(sgg, 0, n * sizeof(T));
   std::memset(swg, 0, n * sizeof(T));
-  int64_t i = 0;
-  for (; i + 8 <= fan_in; i += 8) {  // eight rows per sweep: an eighth of the running sums' loads and stores
+  int64_t i = i0;
+  for (; i + 4 <= i1; i += 4) {
     const T* gr = g + i * n;
     const T* wr = w + i * n;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      T x[8], sa = 0, sb = 0, sc = 0;
-      for (int r = 0; r < 8; ++r) x[r] = gr[r * n + j];
-      for (int r = 0; r < 8; ++r) {
-        sa += x[r];
-        sb += x[r] * x[r];
-        sc += wr[r * n + j] * x[r];
+    int64_t j = 0;
+    for (; j < nv; j += L) {
+      V a = ld(sg + j), b = ld(sgg + j), c = ld(swg + j);
+      for (int r = 0; r < 4; ++r) {
+        const V x = ld(gr + r * n + j);
+        a += x;
+        b += x * x;
+        c += ld(wr + r * n + j) * x;
       }
-      sg[j] += sa;
-      sgg[j] += sb;
-      swg[j] += sc;
+      st(sg + j, a);
+      st(sgg + j, b);
+      st(swg + j, c);
+    }
+    for (; j < n; ++j) {
+      for (int r = 0; r < 4; ++r) {
+        const T x = gr[r * n + j];
+        sg[j] += x;
+        sgg[j] += x * x;
+        swg[j] += wr[r * n + j] * x;
+      }
     }
   }
-  for (; i < fan_in; ++i) {
+  for (; i < i1; ++i) {
     const T* gi = g + i * n;
     const T* wi = w + i * n;
-#pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const T x = gi[j];
       sg[j] += x;
@@ -50,9 +76,10 @@ void neurons_last(const T* g, const T* w, int64_t fan_in, int64_t n, T* sg, T* s
   }
 }
 
+// Rows [r0, r1) of a (n, fan_in) tensor.
 template <typename T>
-void neurons_first(const T* g, const T* w, int64_t n, int64_t fan_in, T* sg, T* sgg, T* swg) {
-  for (int64_t r = 0; r < n; ++r) {
+void neurons_first(const T* g, const T* w, int64_t fan_in, int64_t r0, int64_t r1, T* sg, T* sgg, T* swg) {
+  for (int64_t r = r0; r < r1; ++r) {
     const T* gr = g + r * fan_in;
     const T* wr = w + r * fan_in;
     T a = 0, b = 0, c = 0;
@@ -69,30 +96,97 @@ void neurons_first(const T* g, const T* w, int64_t n, int64_t fan_in, T* sg, T* 
   }
 }
 
+// Runs work(k) for k in [0, parts) on XLA's intra-op thread pool and the calling thread. The caller takes parts
+// itself until none is left and then waits only for parts already running, so it never waits on a task the pool
+// has not started (the pool's threads may all be busy, or be callers like this one); a task that starts late finds
+// nothing left and returns, holding only the shared counters.
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t parts, const F& work) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), parts) - 1;
+  if (helpers <= 0) {
+    for (int64_t k = 0; k < parts; ++k) work(k);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto shared = std::make_shared<Shared>();
+  const F* f = &work;  // valid while the caller waits; late tasks never call it
+  auto run = [shared, f, parts]() {
+    for (int64_t k; (k = shared->next.fetch_add(1)) < parts;) {
+      (*f)(k);
+      if (shared->done.fetch_add(1) + 1 == parts) {
+        std::lock_guard<std::mutex> lock(shared->mu);
+        shared->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(run)(run));
+  run();
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->done.load() == parts; });
+}
+
+constexpr int64_t kParallelElements = int64_t{1} << 16;  // smaller tensors: one thread (a task costs microseconds)
+
+constexpr int64_t kBlockRows = 128;  // neurons last: rows per partial sum (fixed, so results do not depend on threads)
+
 template <typename T>
-void sums(const ffi::AnyBuffer& g, const ffi::AnyBuffer& w, bool last, T* out) {
+void sums(ffi::ThreadPool& pool, const ffi::AnyBuffer& g, const ffi::AnyBuffer& w, bool last, T* out) {
   const auto dims = g.dimensions();
   const int64_t n = last ? dims[dims.size() - 1] : dims[0];
   const int64_t fan_in = n ? static_cast<int64_t>(g.element_count()) / n : 0;
   const T* gd = static_cast<const T*>(g.untyped_data());
   const T* wd = static_cast<const T*>(w.untyped_data());
-  if (last)
-    neurons_last(gd, wd, fan_in, n, out, out + n, out + 2 * n);
-  else
-    neurons_first(gd, wd, n, fan_in, out, out + n, out + 2 * n);
+  T *sg = out, *sgg = out + n, *swg = out + 2 * n;
+  const int64_t threads = static_cast<int64_t>(g.element_count()) >= kParallelElements ? pool.num_threads() : 1;
+  if (!last) {  // row sums: threads take contiguous runs of rows
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+    parallel_for(pool, parts, [&](int64_t k) {
+      neurons_first(gd, wd, fan_in, n * k / parts, n * (k + 1) / parts, sg, sgg, swg);
+    });
+    return;
+  }
+  // Column sums: each block of kBlockRows rows sums into its own partial, threads take contiguous runs of blocks
+  // (each streams its part of the tensor), and the partials are added in block order.
+  const int64_t blocks = std::max<int64_t>(1, (fan_in + kBlockRows - 1) / kBlockRows);
+  if (blocks == 1) {
+    column_sums(gd, wd, 0, fan_in, n, sg, sgg, swg);
+    return;
+  }
+  // Kept between calls (per calling thread): allocating it each call costs page faults once it is large.
+  thread_local std::vector<T> scratch;  // (a thread_local is named, not captured: lambdas below use `partial`)
+  if (scratch.size() < static_cast<size_t>(blocks * 3 * n)) scratch.resize(blocks * 3 * n);
+  T* const partial = scratch.data();
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
+  parallel_for(pool, parts, [&](int64_t k) {
+    for (int64_t b = blocks * k / parts; b < blocks * (k + 1) / parts; ++b) {
+      T* p = partial + b * 3 * n;
+      column_sums(gd, wd, b * kBlockRows, std::min(fan_in, (b + 1) * kBlockRows), n, p, p + n, p + 2 * n);
+    }
+  });
+  std::memcpy(out, partial, 3 * n * sizeof(T));
+  for (int64_t b = 1; b < blocks; ++b) {
+    const T* p = partial + b * 3 * n;
+#pragma omp simd
+    for (int64_t j = 0; j < 3 * n; ++j) out[j] += p[j];
+  }
 }
 
-ffi::Error NeroSumsImpl(ffi::AnyBuffer g, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> out, int64_t neurons_last) {
+ffi::Error NeroSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> out,
+                        int64_t neurons_last) {
   if (g.element_type() != w.element_type() || g.element_type() != out->element_type() ||
       g.element_count() != w.element_count() || g.dimensions().size() < 1) {
     return ffi::Error::InvalidArgument("nero_sums: g, w and the output must share a dtype, g and w a shape");
   }
   switch (g.element_type()) {
     case ffi::DataType::F32:
-      sums<float>(g, w, neurons_last != 0, static_cast<float*>(out->untyped_data()));
+      sums<float>(pool, g, w, neurons_last != 0, static_cast<float*>(out->untyped_data()));
       return ffi::Error::Success();
     case ffi::DataType::F64:
-      sums<double>(g, w, neurons_last != 0, static_cast<double*>(out->untyped_data()));
+      sums<double>(pool, g, w, neurons_last != 0, static_cast<double*>(out->untyped_data()));
       return ffi::Error::Success();
     default:
       return ffi::Error::InvalidArgument("nero_sums: float32 or float64 only");
@@ -103,6 +197,7 @@ ffi::Error NeroSumsImpl(ffi::AnyBuffer g, ffi::AnyBuffer w, ffi::Result<ffi::Any
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NeroSums, NeroSumsImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()

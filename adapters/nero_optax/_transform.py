@@ -193,14 +193,17 @@ def _fused_step(ps, gs, count, vs, sigmas, skipped, *, axes, **hyper):
         out, state = rule.update([gs[i] for i in bias], state, [ps[i] for i in bias])
         for k, i in enumerate(bias):
             new_ps[i], new_vs[i], new_sigmas[i] = out[k], state.v[k], state.sigma[k]
-    finite = [jnp.all(jnp.isfinite(new_vs[i])) for i in bias]  # NaN, Inf or an overflowing square reaches v
+    checks = [new_vs[i].ravel() for i in bias]  # NaN, Inf or an overflowing square reaches v
     for i, axis in enumerate(axes):
         if axis is not None:
-            new_ps[i], new_vs[i], new_sigmas[i], ok = neuron_step(
+            new_ps[i], new_vs[i], new_sigmas[i], sums = neuron_step(
                 ps[i], gs[i], count, vs[i], sigmas[i], axis=axis, **hyper
             )
-            finite.append(ok)
-    finite = jnp.all(jnp.asarray(finite)) if finite else jnp.asarray(True)
+            checks.append(sums)
+    # One reduction over every check, so the step's flag is one scalar: reduced leaf by leaf, XLA fuses the whole
+    # chain of per-leaf flags into every leaf's final pass, where it is evaluated per element.
+    dtype = jnp.result_type(*checks) if checks else jnp.float32
+    finite = jnp.all(jnp.isfinite(jnp.concatenate([c.astype(dtype) for c in checks]))) if checks else jnp.asarray(True)
 
     def keep(new: list, old: list) -> list:
         return [jnp.where(finite, n, o) for n, o in zip(new, old)]
