@@ -15,9 +15,10 @@ from nero_optax import _native  # noqa: E402
 
 # 2-D both ways, a conv kernel (kh, kw, in, out), fan-in not a multiple of the kernel's 4-row sweep, one neuron;
 # then tensors large enough to be shared between threads: neurons last over several 128-row blocks (the last one
-# short) with a column count that is not a whole number of vector lanes, and neurons first.
+# short) with a column count that is not a whole number of vector lanes, narrow rows (one per sweep) and wide ones
+# (four per sweep, with a row left over), and neurons first.
 CASES = [((37, 24), -1), ((24, 37), 0), ((3, 3, 5, 16), 3), ((19, 1024), 1), ((200, 1), 1), ((1, 200), 0),
-         ((1029, 67), -1), ((2, 150, 301), 2), ((700, 130), 0)]
+         ((1029, 67), -1), ((2, 150, 301), 2), ((301, 700), -1), ((700, 130), 0)]
 
 
 @pytest.fixture

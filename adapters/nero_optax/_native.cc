@@ -25,48 +25,35 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Rows [i0, i1) of a (fan_in, n) tensor ("neurons last"), summed down each column into sg, sgg, swg (n each).
-// Four rows per sweep over the row: a quarter of the running sums' loads and stores, and few enough streams that
-// rows a power-of-two apart do not contend for one L1 set.
-template <typename T>
-void column_sums(const T* g, const T* w, int64_t i0, int64_t i1, int64_t n, T* sg, T* sgg, T* swg) {
-  typedef T V __attribute__((vector_size(64)));  // one cache line of T
-  constexpr int64_t L = 64 / sizeof(T);
-  const int64_t nv = n / L * L;
-  auto ld = [](const T* p) { V x; std::memcpy(&x, p, sizeof x); return x; };
-  auto st = [](T* p, V x) { std::memcpy(p, &x, sizeof x); };
+// Rows [i0, i1) of a (fan_in, n) tensor ("neurons last"), summed down each column into sg, sgg, swg (n each), R
+// rows per sweep along the row (each column's rows are added in order, whatever R).
+template <typename T, int R>
+void column_sweeps(const T* g, const T* w, int64_t i0, int64_t i1, int64_t n, T* sg, T* sgg, T* swg) {
   std::memset(sg, 0, n * sizeof(T));
   std::memset(sgg, 0, n * sizeof(T));
   std::memset(swg, 0, n * sizeof(T));
   int64_t i = i0;
-  for (; i + 4 <= i1; i += 4) {
+  for (; i + R <= i1; i += R) {
     const T* gr = g + i * n;
     const T* wr = w + i * n;
-    int64_t j = 0;
-    for (; j < nv; j += L) {
-      V a = ld(sg + j), b = ld(sgg + j), c = ld(swg + j);
-      for (int r = 0; r < 4; ++r) {
-        const V x = ld(gr + r * n + j);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      T a = sg[j], b = sgg[j], c = swg[j];
+      for (int r = 0; r < R; ++r) {
+        const T x = gr[r * n + j];
         a += x;
         b += x * x;
-        c += ld(wr + r * n + j) * x;
+        c += wr[r * n + j] * x;
       }
-      st(sg + j, a);
-      st(sgg + j, b);
-      st(swg + j, c);
-    }
-    for (; j < n; ++j) {
-      for (int r = 0; r < 4; ++r) {
-        const T x = gr[r * n + j];
-        sg[j] += x;
-        sgg[j] += x * x;
-        swg[j] += wr[r * n + j] * x;
-      }
+      sg[j] = a;
+      sgg[j] = b;
+      swg[j] = c;
     }
   }
   for (; i < i1; ++i) {
     const T* gi = g + i * n;
     const T* wi = w + i * n;
+#pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const T x = gi[j];
       sg[j] += x;
@@ -74,6 +61,18 @@ void column_sums(const T* g, const T* w, int64_t i0, int64_t i1, int64_t n, T* s
       swg[j] += wi[j] * x;
     }
   }
+}
+
+// One row per sweep reads memory as a row sum does (two streams, the cheapest for the memory system), but loads and
+// stores the running sums for every row: the better choice while they stay in L1 (rows up to 2 KB, three running
+// sums of 6 KB; measured on 2048x512 float32, 2 threads from DRAM: 7.2 ms against 12.0 for four rows per sweep and
+// 6.9 for SGD's step). Wider rows take four per sweep (512x2048: 11.4 ms against 14.1 for one).
+template <typename T>
+void column_sums(const T* g, const T* w, int64_t i0, int64_t i1, int64_t n, T* sg, T* sgg, T* swg) {
+  if (n * static_cast<int64_t>(sizeof(T)) <= 2048)
+    column_sweeps<T, 1>(g, w, i0, i1, n, sg, sgg, swg);
+  else
+    column_sweeps<T, 4>(g, w, i0, i1, n, sg, sgg, swg);
 }
 
 // Rows [r0, r1) of a (n, fan_in) tensor.
