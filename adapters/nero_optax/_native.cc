@@ -142,7 +142,7 @@ void sums(ffi::ThreadPool& pool, const ffi::AnyBuffer& g, const ffi::AnyBuffer& 
   T *sg = out, *sgg = out + n, *swg = out + 2 * n;
   const int64_t threads = static_cast<int64_t>(g.element_count()) >= kParallelElements ? pool.num_threads() : 1;
   if (!last) {  // row sums: threads take contiguous runs of rows
-    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(8 * threads, n));
     parallel_for(pool, parts, [&](int64_t k) {
       neurons_first(gd, wd, fan_in, n * k / parts, n * (k + 1) / parts, sg, sgg, swg);
     });
@@ -159,9 +159,9 @@ void sums(ffi::ThreadPool& pool, const ffi::AnyBuffer& g, const ffi::AnyBuffer& 
   thread_local std::vector<T> scratch;  // (a thread_local is named, not captured: lambdas below use `partial`)
   if (scratch.size() < static_cast<size_t>(blocks * 3 * n)) scratch.resize(blocks * 3 * n);
   T* const partial = scratch.data();
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
-  parallel_for(pool, parts, [&](int64_t k) {
-    for (int64_t b = blocks * k / parts; b < blocks * (k + 1) / parts; ++b) {
+  // A block per part, so a helper that starts late leaves the caller little to wait for.
+  parallel_for(pool, threads > 1 ? blocks : 1, [&](int64_t k) {
+    for (int64_t b = threads > 1 ? k : 0; b < (threads > 1 ? k + 1 : blocks); ++b) {
       T* p = partial + b * 3 * n;
       column_sums(gd, wd, b * kBlockRows, std::min(fan_in, (b + 1) * kBlockRows), n, p, p + n, p + 2 * n);
     }
