@@ -13,7 +13,7 @@ import nero_core
 from nero_core._base import check_hyperparameter
 
 from ._axes import NeuronAxisTree, check_floating, check_shapes, leaf_neuron_axes
-from ._fused import neuron_step
+from ._fused import neuron_steps
 
 __all__ = ["NeroState", "nero"]
 
@@ -194,12 +194,16 @@ def _fused_step(ps, gs, count, vs, sigmas, skipped, *, axes, **hyper):
         for k, i in enumerate(bias):
             new_ps[i], new_vs[i], new_sigmas[i] = out[k], state.v[k], state.sigma[k]
     checks = [new_vs[i].ravel() for i in bias]  # NaN, Inf or an overflowing square reaches v
-    for i, axis in enumerate(axes):
-        if axis is not None:
-            new_ps[i], new_vs[i], new_sigmas[i], sums = neuron_step(
-                ps[i], gs[i], count, vs[i], sigmas[i], axis=axis, **hyper
-            )
-            checks.append(sums)
+    neuron = [i for i, axis in enumerate(axes) if axis is not None]
+    for dtype in dict.fromkeys(vs[i].dtype for i in neuron):  # neuron tensors batched by their state's dtype
+        group = [i for i in neuron if vs[i].dtype == dtype]
+        out = neuron_steps(
+            [ps[i] for i in group], [gs[i] for i in group], count, [vs[i] for i in group],
+            [sigmas[i] for i in group], axes=[axes[i] for i in group], **hyper,
+        )
+        for k, i in enumerate(group):
+            new_ps[i], new_vs[i], new_sigmas[i] = out[0][k], out[1][k], out[2][k]
+        checks.append(out[3])
     # One reduction over every check, so the step's flag is one scalar: reduced leaf by leaf, XLA fuses the whole
     # chain of per-leaf flags into every leaf's final pass, where it is evaluated per element.
     dtype = jnp.result_type(*checks) if checks else jnp.float32
