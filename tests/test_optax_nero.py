@@ -170,6 +170,35 @@ def test_fused_kernel_matches_core_rule(options, dtype, tolerance):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=tolerance * 10)
 
 
+@pytest.mark.parametrize("options", [{}, dict(normalise=False)], ids=["default", "no-normalise"])
+def test_fused_kernel_batches_mixed_dtypes_like_the_core_rule(options):
+    """The fused step runs the per-row maths of all neuron tensors whose state shares a dtype at once: a tree
+    mixing float64, float32 and bfloat16 tensors (float32 state, rows always read), with a neuron that never gets
+    a gradient (its v stays 0) and one that starts at zero, matches the core rule tensor by tensor."""
+    rng = np.random.default_rng(5)
+    params = {
+        "a64": rng.normal(size=(6, 5)), "b32": rng.normal(size=(7, 4)).astype(np.float32),
+        "c16": rng.normal(size=(5, 9)), "d32": rng.normal(size=(3, 8)).astype(np.float32),
+    }
+    params["d32"][:, 2] = 0.0  # a neuron (neurons last) that starts at zero
+    params = {k: jnp.asarray(v, jnp.bfloat16 if k == "c16" else v.dtype) for k, v in params.items()}
+    grads = [{k: rng.normal(size=v.shape) for k, v in params.items()} for _ in range(6)]
+    for g in grads:
+        g["b32"][:, 1] = 0.0  # a neuron that never gets a gradient
+    grads = [{k: jnp.asarray(g[k], params[k].dtype) for k in g} for g in grads]
+    fused, _, fused_state = run_optax(nero_optax.nero(**options), params, grads_from(grads), steps=6)
+    core, _, core_state = run_optax(nero_optax.nero(fused=False, **options), params, grads_from(grads), steps=6)
+    names = sorted(params)
+    for step_fused, step_core in zip(fused, core):
+        for name, x, y in zip(names, step_fused, step_core):
+            tolerance = {"a64": 1e-12, "b32": 1e-6, "c16": 1e-2, "d32": 1e-6}[name]
+            np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=0, atol=tolerance)
+    assert np.all(np.asarray(fused_state.v["b32"])[1] == 0)
+    for a, b in zip(jax.tree.leaves(fused_state), jax.tree.leaves(core_state)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5)
+
+
 FUSED, CORE = nero_optax.nero(neuron_axis=0), nero_optax.nero(neuron_axis=0, fused=False)  # compiled once
 
 
