@@ -16,7 +16,6 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -95,13 +94,14 @@ void neurons_first(const T* g, const T* w, int64_t fan_in, int64_t r0, int64_t r
   }
 }
 
-// Runs work(k) for k in [0, parts) on XLA's intra-op thread pool and the calling thread. The caller takes parts
+// Runs work(k) for k in [0, parts) on up to `threads` threads: XLA's intra-op thread pool and the calling thread
+// (threads <= 1: the caller alone, in order). The caller takes parts
 // itself until none is left and then waits only for parts already running, so it never waits on a task the pool
 // has not started (the pool's threads may all be busy, or be callers like this one); a task that starts late finds
 // nothing left and returns, holding only the shared counters.
 template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t parts, const F& work) {
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), parts) - 1;
+void parallel_for(ffi::ThreadPool& pool, int64_t threads, int64_t parts, const F& work) {
+  const int64_t helpers = std::min({threads, pool.num_threads(), parts}) - 1;
   if (helpers <= 0) {
     for (int64_t k = 0; k < parts; ++k) work(k);
     return;
@@ -141,30 +141,27 @@ void sums(ffi::ThreadPool& pool, const ffi::AnyBuffer& g, const ffi::AnyBuffer& 
   const T* wd = static_cast<const T*>(w.untyped_data());
   T *sg = out, *sgg = out + n, *swg = out + 2 * n;
   const int64_t threads = static_cast<int64_t>(g.element_count()) >= kParallelElements ? pool.num_threads() : 1;
-  if (!last) {  // row sums: threads take contiguous runs of rows
+  if (!last) {  // row sums: runs of rows, eight per thread, so a helper that starts late leaves little to wait for
     const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(8 * threads, n));
-    parallel_for(pool, parts, [&](int64_t k) {
+    parallel_for(pool, threads, parts, [&](int64_t k) {
       neurons_first(gd, wd, fan_in, n * k / parts, n * (k + 1) / parts, sg, sgg, swg);
     });
     return;
   }
-  // Column sums: each block of kBlockRows rows sums into its own partial, threads take contiguous runs of blocks
-  // (each streams its part of the tensor), and the partials are added in block order.
+  // Column sums: each block of kBlockRows rows sums into its own partial (a block per part, so a helper that starts
+  // late leaves the caller little to wait for), and the partials are added in block order.
   const int64_t blocks = std::max<int64_t>(1, (fan_in + kBlockRows - 1) / kBlockRows);
   if (blocks == 1) {
     column_sums(gd, wd, 0, fan_in, n, sg, sgg, swg);
     return;
   }
-  // Kept between calls (per calling thread): allocating it each call costs page faults once it is large.
+  // Kept between calls, per calling thread, so a step allocates nothing: 3/128 of the largest such tensor's size.
   thread_local std::vector<T> scratch;  // (a thread_local is named, not captured: lambdas below use `partial`)
   if (scratch.size() < static_cast<size_t>(blocks * 3 * n)) scratch.resize(blocks * 3 * n);
   T* const partial = scratch.data();
-  // A block per part, so a helper that starts late leaves the caller little to wait for.
-  parallel_for(pool, threads > 1 ? blocks : 1, [&](int64_t k) {
-    for (int64_t b = threads > 1 ? k : 0; b < (threads > 1 ? k + 1 : blocks); ++b) {
-      T* p = partial + b * 3 * n;
-      column_sums(gd, wd, b * kBlockRows, std::min(fan_in, (b + 1) * kBlockRows), n, p, p + n, p + 2 * n);
-    }
+  parallel_for(pool, threads, blocks, [&](int64_t b) {
+    T* p = partial + b * 3 * n;
+    column_sums(gd, wd, b * kBlockRows, std::min(fan_in, (b + 1) * kBlockRows), n, p, p + n, p + 2 * n);
   });
   std::memcpy(out, partial, 3 * n * sizeof(T));
   for (int64_t b = 1; b < blocks; ++b) {
