@@ -18,7 +18,8 @@ import functools
 import nero_torch
 import torch
 from harness import data
-from harness.loop import Config, best, run, summarise, tune
+from harness.loop import Config, best, run, summarise
+from harness.protocol import Protocol, tune
 from harness.models import ScaledReLU, mlp
 from harness.optim import LR_GRID
 from harness.record import Study, markdown_table, new_figure, parser, score_text
@@ -57,7 +58,7 @@ def loader(dataset: str, size: int | None, data_dir):
 def depth_runs(task: Classification, lrs, seeds, progress: bool) -> tuple[list[dict], dict[str, dict]]:
     """AGD from every seed; Adam and SGD over ``lrs`` from seed 0, then their best and default lrs from the rest."""
     runs = [run(task, Config("agd", 1.0), seed) for seed in seeds]
-    runs += tune(task, ["adam", "sgd"], lrs=lrs, seeds=seeds, progress=progress)
+    runs += tune(task, Protocol(("adam", "sgd"), tuple(lrs), tuple(seeds), default=None, extend=False), progress)
     for name, lr in DEFAULT_LR.items():
         done = {r["seed"] for r in runs if r["optimizer"] == name and r["lr"] == lr}
         runs += [run(task, Config(name, lr), seed) for seed in seeds if seed not in done]
@@ -66,7 +67,7 @@ def depth_runs(task: Classification, lrs, seeds, progress: bool) -> tuple[list[d
     for name in DEFAULT_LR:
         label = name.replace("adam", "Adam").replace("sgd", "SGD")
         chosen[f"{label} default"] = next(r for r in rows if r["optimizer"] == name and r["lr"] == DEFAULT_LR[name])
-        chosen[f"{label} best"] = best(task, runs, name)
+        chosen[f"{label} best"] = best(task.goal, runs, name)
     return runs, chosen
 
 

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, lr in DEFAULT_LR.items():
             default = next(r for r in summary if r["optimizer"] == name and r["lr"] == lr)
             by_lr = {f"{r['lr']:g}": r["first"] for r in summary if r["optimizer"] == name}
-            chosen = best(task, [r for r in runs if r["task"] == task.name and r["seed"] == 0], name)
+            chosen = best(task.goal, [r for r in runs if r["task"] == task.name and r["seed"] == 0], name)
             rows.append([f"{sigma:g}", name, f"{lr:g}: {score_text(default)}", f"{chosen['lr']:g}",
                          ", ".join(f"{k}: {'-' if v is None else f'{v:.1f}'}" for k, v in by_lr.items())])
     summary = summarise(runs)

@@ -1,76 +1,176 @@
 """Table 1 at CPU scale: Nero against SGD, Adam, LAMB and Muon on five tasks across domains.
 
-    python examples/table1.py              # full: every task (see examples/results/table1/)
-    python examples/table1.py --quick      # a few minutes
+    python examples/table1.py --workers 1     # full: hours of CPU (see examples/results/table1/); resumable
+    python examples/table1.py --quick         # minutes
+    python examples/table1.py --report        # rebuild the tables and figures from the records alone
     python examples/table1.py --task ppo_cartpole --task mlp_mnist
 
-Each optimizer runs over the lr grid {1e-4, 1e-3, 1e-2, 1e-1, 1} from seed 0; its best lr, and Nero at its default
-0.01, then run from seeds 1 and 2 too. Muon is run as users run it: torch.optim.Muon on the hidden 2-D weights, Adam
-(at Adam's best grid lr) on the rest; the CNN has no hidden matrices (torch.optim.Muon takes no conv filters), so
-there "muon" is Adam alone (``muon_matrices`` in the record counts them). SGD has momentum 0.9; LAMB is
-pytorch_optimizer's.
+The protocol (harness.protocol): every optimizer runs over the lr grid {1e-4, 1e-3, 1e-2, 1e-1, 1} from seed 0, the
+grid extended by a decade past an edge where the best lr sits, then the two half-decade neighbours of the best; its
+best lr, and Nero at its default 0.01, then run from seeds 1 and 2 (1 to 4 on the character transformer, for the
+steps-to-target table). Every optimizer trains a task under the same schedule (warm-up and decay, per task: see
+harness.tasks.table1_tasks). Muon is run as users run it: torch.optim.Muon on the hidden 2-D weights, Adam (at
+Adam's best seed-0 lr) on the rest; the CNN has no hidden matrices (torch.optim.Muon takes no conv filters), so
+there "muon" is Adam alone. SGD has momentum 0.9; LAMB is pytorch_optimizer's.
+
+Every run is its own record under ``<out>/runs/``: a study that stops (or is killed) resumes where it was when run
+again, and the tables and figures are rebuilt from the records alone.
 """
 
 from __future__ import annotations
 
-import json
+from functools import partial
+from pathlib import Path
 
-from harness.loop import best, describe, summarise, tune
-from harness.optim import LR_GRID, NERO_DEFAULT_LR, hidden_matrices
-from harness.record import Study, lr_figure, markdown_table, parser, score_text
+
+from harness.loop import best, rank, summarise
+from harness.optim import LR_GRID, NERO_DEFAULT_LR
+from harness.protocol import Protocol, tuning_plan
+from harness.record import Study, curves_figure, lr_figure, markdown_table, runner_parser, save_figure
+from harness.report import cell, load_runs, metric_gap, steps_to_target
+from harness.runner import Plan, Tasks, run_study
 from harness.tasks import table1_tasks
 
 TASKS = ["mlp_mnist", "cnn_cifar10", "char_lm_shakespeare", "cgan_mnist", "ppo_cartpole"]
-OPTIMIZERS = ["nero", "sgd", "adam", "lamb", "muon"]  # adam before muon: muon's adam part takes adam's best lr
+OPTIMIZERS = ("nero", "sgd", "adam", "lamb", "muon")  # adam before muon: muon's adam part takes adam's best lr
+BASELINES = ("sgd", "adam", "lamb", "muon")
+TARGET_TASK = "char_lm_shakespeare"  # the steps-to-target table's task, run from 5 seeds
+# CPU seconds of one full-scale run on one thread (measured here), for the ETA until a task has records
+ESTIMATE = {"mlp_mnist": 10, "cnn_cifar10": 55, "char_lm_shakespeare": 100, "cgan_mnist": 50, "ppo_cartpole": 25}
+# what else the table shows of a task's runs: the GAN's samples classified as the class asked for
+EXTRA = {"cgan_mnist": ("generated_accuracy", "samples' class accuracy {:.0f}%")}
 
 
-def table_rows(task, runs: list[dict]) -> list[list[str]]:
-    rows = []
+def protocol(scale: str, task: str) -> Protocol:
+    if scale == "smoke":
+        return Protocol(OPTIMIZERS, (NERO_DEFAULT_LR,), (0, 1), extend=False)
+    if scale == "quick":
+        return Protocol(OPTIMIZERS, LR_GRID, (0, 1), extend=False)
+    return Protocol(OPTIMIZERS, LR_GRID, (0, 1, 2, 3, 4) if task == TARGET_TASK else (0, 1, 2), refine=True)
+
+
+def plan(scale: str, names: list[str], tasks: dict, records: dict[str, dict]) -> Plan:
+    """Every chosen task's runs, task by task in the order of ``names`` within each phase."""
+    whole = Plan()
+    for name in names:
+        task = tasks[name]
+        whole += tuning_plan(name, task.goal, task.schedule.name, protocol(scale, name), records)
+    return whole
+
+
+def rows_of(task: str, runs: list[dict]) -> tuple[list[list[str]], dict]:
+    """Table 1's rows for ``task`` (each optimizer's best lr and score over seeds, and Nero at 0.01), and the
+    best settings' summaries by row label."""
+    goal = runs[0]["goal"]
+    budget = budget_text(task, runs[0]["settings"])
+    extra = EXTRA.get(task)
+    chosen, rows = {}, []
     for name in OPTIMIZERS:
-        chosen = best(task, runs, name)
-        rows.append([task.name, name, f"{chosen['lr']:g}", score_text(chosen)])
-    default = next(r for r in summarise(runs) if r["optimizer"] == "nero" and r["lr"] == NERO_DEFAULT_LR)
-    rows.append([task.name, "nero (default lr)", f"{NERO_DEFAULT_LR:g}", score_text(default)])
-    return rows
+        mine = [r for r in runs if r["optimizer"] == name]
+        chosen[name] = best(goal, mine, name) if mine else None
+    default = [r for r in runs if r["optimizer"] == "nero" and r["lr"] == NERO_DEFAULT_LR]
+    chosen["nero (lr 0.01)"] = best(goal, default, "nero") if default else None
+    for label, row in chosen.items():
+        text = cell(row, runs, extra)
+        rows.append([task, budget, label, "pending" if row is None else f"{row['lr']:g}", text])
+    return rows, chosen
+
+
+def verdict(task: str, runs: list[dict], chosen: dict) -> list[str]:
+    """Nero at 0.01 against the best tuned baseline: the gap, and whether it is within 1 point (accuracies) or
+    3% (losses, distances, returns)."""
+    goal, metric = runs[0]["goal"], runs[0]["metric"]
+    baselines = [chosen[n] for n in BASELINES if chosen.get(n) and chosen[n]["mean"] is not None]
+    default, tuned = chosen.get("nero (lr 0.01)"), chosen.get("nero")
+    if not baselines or default is None or tuned is None:
+        return [task, metric, "pending", "pending", "pending", "pending"]
+    top = max(baselines, key=lambda r: rank(goal, r["mean"]))
+    gap = metric_gap(default, top, goal, metric)
+    return [task, metric, f"{top['optimizer']} at {top['lr']:g}: {top['mean']:.4g}",
+            "diverged" if default["mean"] is None else f"{default['mean']:.4g}", gap,
+            f"{tuned['lr']:g}: {tuned['mean']:.4g}" if tuned["mean"] is not None else "diverged"]
+
+
+def report(folder: Path) -> str:
+    """Rebuild ``table1.md``, ``steps_to_target.md`` and the figures in ``folder`` from the records in
+    ``folder/runs``; return the Markdown."""
+    runs = load_runs(folder / "runs")
+    header = ["task", "budget and schedule", "optimizer", "best lr", "score: mean ± std over seeds (seeds)"]
+    rows, verdicts, cpu = [], [], []
+    for task in TASKS:
+        mine = [r for r in runs if r["task"] == task]
+        if not mine:
+            rows.append([task, "pending", "all", "pending", "pending"])
+            continue
+        task_rows, chosen = rows_of(task, mine)
+        rows += task_rows
+        verdicts.append(verdict(task, mine, chosen))
+        cpu.append(f"- {task}: {len(mine)} runs, {sum(r['cpu_seconds'] for r in mine) / 3600:.2f} CPU hours; "
+                   f"metric: {mine[0]['metric']}; settings: {settings_text(mine[0]['settings'])}")
+        figures(folder, task, mine, chosen)
+    total = sum(r["cpu_seconds"] for r in runs) / 3600
+    text = (markdown_table(header, rows) + "\n\nNero at its default lr 0.01 against the best tuned baseline:\n\n"
+            + markdown_table(["task", "metric", "best tuned baseline", "nero at 0.01", "gap", "nero's best lr: score"],
+                             verdicts)
+            + f"\n\nCPU time ({len(runs)} runs, {total:.2f} CPU hours in all, one thread per run):\n\n"
+            + "\n".join(cpu) + "\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "table1.md").write_text(text)
+    target = [r for r in runs if r["task"] == TARGET_TASK]
+    if target:
+        (folder / "steps_to_target.md").write_text(steps_to_target(target, OPTIMIZERS, NERO_DEFAULT_LR) + "\n")
+    return text
+
+
+def budget_text(task: str, settings: dict) -> str:
+    """A task's budget in its own units (epochs, steps, iterations), and its schedule."""
+    steps, schedule = settings["steps"], settings["schedule"].split(" over ")[0]
+    if "rollout" in settings:
+        return f"{steps} iterations of {settings['rollout']} environment steps; {schedule}"
+    images = settings.get("train_size") or (60000 if task.startswith(("mlp", "cgan")) else None)
+    if images and task != TARGET_TASK:
+        return f"{steps} steps ({steps * settings['batch'] / images:.3g} epochs of {images} images); {schedule}"
+    return f"{steps} steps of {settings['batch']} windows; {schedule}"
+
+
+def settings_text(settings: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in settings.items() if k not in ("name", "metric", "goal", "chance"))
+
+
+def figures(folder: Path, task: str, runs: list[dict], chosen: dict) -> None:
+    """The lr sensitivity of every optimizer, and the curves of each one's best setting."""
+    first = runs[0]
+    summary = summarise(runs)
+    lines = {name: [r for r in summary if r["optimizer"] == name] for name in OPTIMIZERS}
+    save_figure(lr_figure({k: v for k, v in lines.items() if v}, title=task, ylabel=first["metric"],
+                          chance=first["chance"], goal=first["goal"]), folder / f"{task}_lr.png")
+    groups = {}
+    for label, row in chosen.items():
+        if row is not None:
+            groups[f"{label.split(' (')[0]} lr {row['lr']:g}"] = [
+                r for r in runs if r["optimizer"] == row["optimizer"] and r["lr"] == row["lr"]
+                and r["options"] == row["options"]]
+    probe = {"char_lm_shakespeare": "validation loss (nats/char)", "cgan_mnist": "samples' class accuracy (%)",
+             "ppo_cartpole": "training episode return"}.get(task)
+    target = None
+    if task == TARGET_TASK and chosen.get("adam") and chosen["adam"]["mean"] is not None:
+        target = chosen["adam"]["mean"]
+    save_figure(curves_figure(groups, title=f"{task}: best setting of each optimizer", probe=probe, target=target),
+                folder / f"{task}_curves.png")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = runner_parser(__doc__.splitlines()[0])
     p.add_argument("--task", action="append", choices=TASKS, help="run only this task (repeatable)")
     args = p.parse_args(argv)
-    seeds, lrs = ((0, 1), (1e-2,)) if args.smoke else ((0, 1, 2), LR_GRID)
-    header = ["task", "optimizer", "best lr", "score (mean ± std over seeds)"]
-    tasks = table1_tasks("smoke" if args.smoke else "quick" if args.quick else "full", args.data_dir)
-    for name in args.task or TASKS:
-        task = tasks[name]
-        study = Study(name, args, __file__, argv, folder="table1")
-        runs = tune(task, OPTIMIZERS, lrs=lrs, seeds=seeds, progress=study.progress)
-        summary = summarise(runs)
-        rows = table_rows(task, runs)
-        muon_matrices = sum(len(hidden_matrices(m)) for m in task.trial(0).modules.values())
-        lines = {o: [r for r in summary if r["optimizer"] == o] for o in OPTIMIZERS}
-        study.figure(lr_figure(lines, title=name, ylabel=task.metric, chance=task.chance), name)
-        path = study.save({"task": name, "metric": task.metric, "goal": task.goal, "chance": task.chance,
-                           "task_settings": describe(task), "optimizers": OPTIMIZERS, "muon_matrices": muon_matrices,
-                           "seeds": list(seeds), "lr_grid": list(lrs), "table": [dict(zip(header, r)) for r in rows],
-                           "summary": summary, "runs": runs})
-        print(f"\n{task.metric}\n" + markdown_table(header, rows) + f"\n\nwrote {path}")
-    write_table(study.out)
-
-
-def write_table(folder) -> None:
-    """Gather every task's record in ``folder`` into ``table1.md``."""
-    header, rows, walls = None, [], []
-    for path in sorted(folder.glob("*.json")):
-        record = json.loads(path.read_text())
-        if "table" not in record:
-            continue
-        header = list(record["table"][0])
-        rows += [list(r.values()) for r in record["table"]]
-        walls.append(f"- {record['task']}: {record['metric']}; wall {record['wall_seconds']:.0f} s "
-                     f"(CPU {record.get('cpu_seconds', '?')} s); `{record['command']}`")
-    if header:
-        (folder / "table1.md").write_text(markdown_table(header, rows) + "\n\n" + "\n".join(walls) + "\n")
+    study = Study("table1", args, __file__, argv)
+    if not args.report:
+        tasks = Tasks(table1_tasks, study.scale, args.data_dir)
+        names = args.task or TASKS
+        run_study(tasks, partial(plan, study.scale, names, tasks()), study.out / "runs", workers=args.workers,
+                  progress=study.progress, estimate=lambda spec: ESTIMATE[spec.task], kill_after=args.kill_after)
+    print(report(study.out))
+    print(f"wrote {study.out / 'table1.md'}")
 
 
 if __name__ == "__main__":

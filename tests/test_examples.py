@@ -9,6 +9,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -117,28 +121,121 @@ def test_compare_nero_beats_chance_on_digits(tmp_path, data_dir):
     assert (tmp_path / "compare.png").stat().st_size > 0
 
 
+def study_runs(module: str, tmp_path: Path, data_dir: Path, *extra: str) -> list[dict]:
+    """Run a record-per-run study (``examples/<module>.py --smoke``) in-process; return its run records."""
+    import torch
+    from harness.report import load_runs
+
+    study = importlib.import_module(module)
+    study.main(["--smoke", "--out", str(tmp_path), "--no-progress", "--data-dir", str(data_dir),
+                "--threads", str(torch.get_num_threads()), "--workers", "1", *extra])
+    return load_runs(tmp_path / "runs")
+
+
+def check_runs(runs: list[dict], optimizers: set[str], seeds: set[int]) -> None:
+    for run in runs:
+        assert {"key", "optimizer", "lr", "seed", "score", "diverged", "loss_curve", "cpu_seconds", "settings",
+                "schedule", "metric", "goal"} <= run.keys()
+    assert {r["optimizer"] for r in runs} == optimizers
+    assert {r["seed"] for r in runs} == seeds
+
+
+def check_table1(runs: list[dict], tmp_path: Path, task: str) -> None:
+    check_runs(runs, {"nero", "sgd", "adam", "lamb", "muon"}, {0, 1})
+    table = (tmp_path / "table1.md").read_text()
+    assert table.count(f"| {task} |") == 7  # five optimizers, Nero at 0.01, and the Nero-against-baselines row
+    assert (tmp_path / f"{task}_lr.png").stat().st_size > 0 and (tmp_path / f"{task}_curves.png").stat().st_size > 0
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["mlp_mnist", "cnn_cifar10", "char_lm_shakespeare", "cgan_mnist", "ppo_cartpole"])
+@pytest.mark.parametrize("task", ["cnn_cifar10", "char_lm_shakespeare", "cgan_mnist", "ppo_cartpole"])
 def test_table1(task, tmp_path, data_dir):
-    record = smoke("table1", tmp_path, data_dir, "--task", task)
-    check_record(record, task)
-    assert {r["optimizer"] for r in record["runs"]} == {"nero", "sgd", "adam", "lamb", "muon"}
-    assert [row["optimizer"] for row in record["table"]][-1] == "nero (default lr)"
-    assert {r["seed"] for r in record["runs"]} == {0, 1}
-    if task == "mlp_mnist":
-        nero = [r for r in record["runs"] if r["optimizer"] == "nero"]
-        assert all(r["score"] > 50 for r in nero)  # chance is 10%
+    runs = study_runs("table1", tmp_path, data_dir, "--task", task)
+    check_table1(runs, tmp_path, task)
     if task == "cgan_mnist":
-        assert all(r["classifier_test_accuracy"] > 50 for r in record["runs"])
-    assert (tmp_path / "table1.md").read_text().count(f"| {task} |") == 6  # five optimizers and Nero's default
+        assert all(r["classifier_test_accuracy"] > 50 for r in runs)
+    if task == "char_lm_shakespeare":  # the probe (validation loss) at every step, for steps to target
+        assert all([p[0] for p in r["probe_curve"]] == list(range(1, 11)) for r in runs)
+        assert "Mann-Whitney U" in (tmp_path / "steps_to_target.md").read_text()
+
+
+@pytest.mark.slow
+def test_table1_resumes_after_a_kill(tmp_path, data_dir):
+    """A study killed (SIGKILL) after 3 runs, with a record cut off half-written, finishes when run again, on two
+    worker processes, without running the 3 finished runs again."""
+    import table1
+
+    command = [sys.executable, str(EXAMPLES / "table1.py"), "--smoke", "--task", "mlp_mnist", "--out", str(tmp_path),
+               "--no-progress", "--data-dir", str(data_dir), "--workers", "1", "--kill-after", "3"]
+    killed = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    finished = {path: path.read_bytes() for path in (tmp_path / "runs").rglob("*.json")}
+    assert len(finished) == 3 and not (tmp_path / "table1.md").exists()
+    half = tmp_path / "runs" / "mlp_mnist" / ".sgd_lr0.01_epoch0.9_seed1.json.999.tmp"
+    half.write_text('{"key": "mlp_mnist/sgd_lr0.01_epoch0.9_seed1", "sco')
+    import torch
+
+    table1.main(["--smoke", "--task", "mlp_mnist", "--out", str(tmp_path), "--no-progress", "--data-dir",
+                 str(data_dir), "--threads", str(torch.get_num_threads()), "--workers", "2"])
+    assert all(path.read_bytes() == text for path, text in finished.items()), "a finished run was run again"
+    assert not half.exists()
+    from harness.report import load_runs
+
+    runs = load_runs(tmp_path / "runs")
+    assert len(runs) == 10  # five optimizers from seeds 0 and 1
+    assert all(r["pid"] != os.getpid() for r in runs)  # the 7 left ran in the worker processes
+    check_table1(runs, tmp_path, "mlp_mnist")
+    assert all(r["score"] > 50 for r in runs if r["optimizer"] == "nero")  # chance is 10%
+
+
+def test_protocol_extends_refines_and_seeds_the_best():
+    """The plan on made-up scores: a best lr on the grid's edge takes the next decade, then the half-decade
+    neighbours of the best; only then the best lr's seeds, and Muon's runs once Adam's search is done."""
+    from harness.protocol import Protocol, tuning_plan
+
+    peaks = {"nero": 1e-2, "adam": 0.2, "muon": 5e-4}  # each score falls by 10 per decade away from its peak
+    protocol = Protocol(("nero", "adam", "muon"), (1e-3, 1e-2, 1e-1), (0, 1, 2), refine=True)
+    records, rounds = {}, []
+    while True:
+        new = [s for s in tuning_plan("t", "max", "s", protocol, records).ready if s.key not in records]
+        if not new:
+            break
+        rounds.append({(s.optimizer, s.lr, s.seed) for s in new})
+        for s in new:
+            score = 100 - 10 * abs(math.log10(s.lr / peaks[s.optimizer]))
+            records[s.key] = {"task": "t", "optimizer": s.optimizer, "lr": s.lr, "seed": s.seed, "score": score}
+    assert ("adam", 1.0, 0) in rounds[1] and ("adam", 0.316, 0) in rounds[2]  # the edge, then x sqrt(10)
+    assert not any(name == "muon" for round in rounds[:3] for name, _, _ in round)
+    muon = [r for r in records.values() if r["optimizer"] == "muon"]
+    assert {r["lr"] for r in muon} == {1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2, 1e-1}
+    assert all("adam_lr0.316" in key for key in records if key.startswith("t/muon"))
+    seeded = {(r["optimizer"], r["lr"]) for r in records.values() if r["seed"] > 0}
+    assert seeded == {("nero", 0.01), ("adam", 0.316), ("muon", 3.16e-4)}
+
+
+def test_schedule_factors():
+    from harness.schedule import Schedule
+
+    warm = Schedule(warmup=0.1, decay="cosine")
+    assert [warm.factor(i, 100) for i in (0, 9, 10)] == [0.1, 1.0, 1.0]
+    assert warm.factor(55, 100) == pytest.approx(0.5) and warm.factor(99, 100) < 1e-3
+    assert Schedule(decay="linear").factor(75, 100) == pytest.approx(0.25)
+    epochs = Schedule(decay="epoch", gamma=0.9, epoch=10)
+    assert [epochs.factor(i, 100) for i in (9, 10, 25)] == pytest.approx([1.0, 0.9, 0.81])
+    assert (warm.name, epochs.name) == ("warmup10-cosine", "epoch0.9")
+    with pytest.raises(ValueError, match="decay must be one of"):
+        Schedule(decay="step")
 
 
 @pytest.mark.slow
 def test_deep_mlp(tmp_path, data_dir):
-    record = smoke("deep_mlp", tmp_path, data_dir)
-    check_record(record, "deep_mlp")
-    assert set(record["depths_that_train"]) == {"nero", "adam", "sgd"}
-    assert 4 in record["depths_that_train"]["nero"]  # a 4-layer MLP trains with Nero at lr 0.01
+    runs = study_runs("deep_mlp", tmp_path, data_dir)
+    check_runs(runs, {"nero", "sgd", "adam", "lamb", "muon"}, {0})
+    assert {r["task"] for r in runs} == {"mlp_depth4", "mlp_depth8"}
+    nero4 = next(r for r in runs if r["task"] == "mlp_depth4" and r["optimizer"] == "nero")
+    assert nero4["lr"] == 0.01 and nero4["score"] > 20  # a 4-layer MLP trains with Nero at lr 0.01
+    assert "Depths that train" in (tmp_path / "deep_mlp.md").read_text()
+    assert (tmp_path / "deep_mlp.png").stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -11,7 +13,7 @@ __all__ = [
 
 
 def mlp(inputs: int, width: int, outputs: int, *, depth: int = 3, linear=nn.Linear,
-        activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+        activation: Callable[[], nn.Module] = nn.ReLU) -> nn.Sequential:
     """``depth`` linear layers with ``activation`` (ReLU) between them; no normalisation, no skips."""
     sizes = [inputs] + [width] * (depth - 1) + [outputs]
     layers: list[nn.Module] = []
@@ -85,15 +87,19 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Class-conditional MLP discriminator: (image, one-hot class) -> a real/fake logit."""
+    """Class-conditional MLP discriminator with a projection head (Miyato & Koyama, 2018):
+    ``D(x, y) = w . phi(x) + e_y . phi(x)``, where ``phi`` is a two-layer LeakyReLU MLP and ``e_y`` the embedding of
+    class ``y``. (A discriminator that reads the class as 10 one-hot inputs beside 784 pixels learned no
+    conditioning within 4000 steps with Adam; the projection makes the class a first-class part of its score.)"""
 
     def __init__(self, width: int = 256, classes: int = 10, pixels: int = 784):
         super().__init__()
-        self.classes = classes
-        self.net = mlp(pixels + classes, width, 1, depth=3)
+        self.net = mlp(pixels, width, 1, depth=3, activation=lambda: nn.LeakyReLU(0.2))  # phi, then w
+        self.embed = nn.Embedding(classes, width)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x, nn.functional.one_hot(labels, self.classes).float()], dim=1)).squeeze(1)
+        h = self.net[:-1](x)
+        return self.net[-1](h).squeeze(1) + (self.embed(labels) * h).sum(1)
 
 
 class ActorCritic(nn.Module):

@@ -15,9 +15,10 @@ from torch.nn import functional as F
 
 from . import data
 from .loop import Trial, train
+from .schedule import CONSTANT, Schedule
 from .models import ActorCritic, CharTransformer, Discriminator, Generator, cnn, mlp
 
-__all__ = ["CartPole", "Classification", "ConditionalGAN", "Shakespeare", "descend", "table1_tasks"]
+__all__ = ["CartPole", "Classification", "ConditionalGAN", "Shakespeare", "deep_mlp_tasks", "descend", "table1_tasks"]
 
 
 def descend(optimizer, loss: torch.Tensor) -> float:
@@ -39,9 +40,11 @@ class Classification:
     metric, goal, chance = "test accuracy (%)", "max", 10.0
 
     def __init__(self, name: str, load: Callable[[], tuple], model: Callable[[], nn.Module], *, steps: int,
-                 batch: int = 128, train_size: int | None = None, test_size: int | None = None):
+                 batch: int = 128, train_size: int | None = None, test_size: int | None = None,
+                 schedule: Schedule = CONSTANT, architecture: str | None = None):
         self.name, self.load, self.model, self.steps, self.batch = name, load, model, steps, batch
         self.train_size, self.test_size = train_size, test_size  # for the record; ``load`` applies them
+        self.schedule, self.architecture = schedule, architecture  # ``architecture``: ``model`` in words
         self._data: tuple | None = None
 
     @property
@@ -72,9 +75,11 @@ class Shakespeare:
     name = "char_lm_shakespeare"
 
     def __init__(self, data_dir=None, *, steps: int, batch: int = 32, context: int = 64, width: int = 64,
-                 layers: int = 2):
+                 layers: int = 2, validation_windows: int = 128, probe_every: int = 0,
+                 schedule: Schedule = CONSTANT):
         self.data_dir, self.steps, self.batch, self.context, self.width, self.layers = (
             data_dir, steps, batch, context, width, layers)
+        self.validation_windows, self.probe_every, self.schedule = validation_windows, probe_every, schedule
         self._data: tuple | None = None
 
     def windows(self, ids: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -87,7 +92,7 @@ class Shakespeare:
         train_ids, val_ids, vocabulary = self._data
         model = CharTransformer(len(vocabulary), self.context, self.width, self.layers)
         generator = torch.Generator().manual_seed(seed)
-        validation = self.windows(val_ids, 128, torch.Generator().manual_seed(1234))
+        validation = self.windows(val_ids, self.validation_windows, torch.Generator().manual_seed(1234))
 
         def loss(w: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten())
@@ -95,7 +100,11 @@ class Shakespeare:
         def step(optimizers: dict) -> float:
             return descend(optimizers["model"], loss(self.windows(train_ids, self.batch, generator)))
 
-        return Trial({"model": model}, step, lambda: {"score": loss(validation).item()}, self.steps)
+        def validate() -> float:
+            return loss(validation).item()
+
+        return Trial({"model": model}, step, lambda: {"score": validate()}, self.steps,
+                     probe=validate if self.probe_every else None, probe_every=self.probe_every)
 
 
 class ConditionalGAN:
@@ -109,12 +118,13 @@ class ConditionalGAN:
     name = "cgan_mnist"
 
     def __init__(self, data_dir=None, *, steps: int, batch: int = 64, train_size: int | None = None,
-                 classifier_steps: int = 1500, samples: int = 2000):
+                 classifier_steps: int = 1500, samples: int = 2000, schedule: Schedule = CONSTANT):
         self.data_dir, self.steps, self.batch, self.train_size = data_dir, steps, batch, train_size
-        self.classifier_steps, self.samples = classifier_steps, samples
+        self.classifier_steps, self.samples, self.schedule = classifier_steps, samples, schedule
+        self.probe_every = max(1, steps // 20)
         self._data: tuple | None = None
         self.classifier: nn.Module | None = None
-        self.classifier_accuracy: float | None = None
+        self._classifier_accuracy: float | None = None  # private: not a setting
 
     def _prepare(self) -> None:
         if self._data is not None:
@@ -124,7 +134,7 @@ class ConditionalGAN:
                                 steps=self.classifier_steps)
         torch.manual_seed(0)
         trial = scorer.trial(0)
-        self.classifier_accuracy = train(trial, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))["score"]
+        self._classifier_accuracy = train(trial, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))["score"]
         self.classifier = trial.modules["model"]
         x_test = self._data[2][: self.samples]
         self.test_features = self.features(x_test)
@@ -150,19 +160,29 @@ class ConditionalGAN:
             g = descend(optimizers["generator"], F.softplus(-discriminator(fake, labels)).mean())
             return d + g
 
+        def sample(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """``count`` generated images, standardised as the classifier's inputs, and the classes asked for."""
+            labels = torch.arange(count) % 10
+            images = generator(torch.randn(count, generator.noise, generator=rng), labels)
+            return ((images + 1) / 2 - 0.1307) / 0.3081, labels
+
         def evaluate() -> dict:
-            labels = torch.arange(self.samples) % 10
-            images = generator(torch.randn(self.samples, generator.noise, generator=rng), labels)
-            standardised = ((images + 1) / 2 - 0.1307) / 0.3081
+            standardised, labels = sample(self.samples)
             if not torch.isfinite(standardised).all():
                 return {"score": math.nan}
             return {
                 "score": frechet_distance(self.features(standardised), self.test_features),
                 "generated_accuracy": accuracy(self.classifier, standardised, labels),
-                "classifier_test_accuracy": self.classifier_accuracy,
+                "classifier_test_accuracy": self._classifier_accuracy,
             }
 
-        return Trial({"generator": generator, "discriminator": discriminator}, step, evaluate, self.steps)
+        def probe() -> float:
+            """The classifier's accuracy on 500 samples against the classes asked for: conditioning learned."""
+            standardised, labels = sample(500)
+            return accuracy(self.classifier, standardised, labels) if torch.isfinite(standardised).all() else math.nan
+
+        return Trial({"generator": generator, "discriminator": discriminator}, step, evaluate, self.steps,
+                     probe=probe, probe_every=self.probe_every)
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -184,9 +204,10 @@ class CartPole:
     name = "ppo_cartpole"
 
     def __init__(self, *, iterations: int, rollout: int = 1024, epochs: int = 4, minibatch: int = 256,
-                 gamma: float = 0.99, lam: float = 0.95, clip: float = 0.2):
+                 gamma: float = 0.99, lam: float = 0.95, clip: float = 0.2, schedule: Schedule = CONSTANT):
         self.steps, self.rollout, self.epochs, self.minibatch = iterations, rollout, epochs, minibatch
-        self.gamma, self.lam, self.clip = gamma, lam, clip
+        self.gamma, self.lam, self.clip, self.schedule = gamma, lam, clip, schedule
+        self.probe_every = max(1, iterations // 30)
 
     def trial(self, seed: int) -> Trial:
         import gymnasium as gym
@@ -195,8 +216,10 @@ class CartPole:
         agent = ActorCritic(env.observation_space.shape[0], env.action_space.n)
         generator = torch.Generator().manual_seed(seed)
         obs = [env.reset(seed=seed)[0]]
+        episodes = {"running": 0.0, "returns": []}  # the current episode's return; those finished in a rollout
 
         def collect() -> dict:
+            episodes["returns"] = []
             observations, actions, rewards, dones, logps, values = [], [], [], [], [], []
             for _ in range(self.rollout):
                 o = torch.as_tensor(obs[0], dtype=torch.float32)
@@ -205,6 +228,10 @@ class CartPole:
                 next_obs, reward, terminated, truncated, _ = env.step(action)
                 observations.append(o), actions.append(action), rewards.append(reward)
                 dones.append(terminated), logps.append(logits.log_softmax(-1)[action]), values.append(value)
+                episodes["running"] += reward
+                if terminated or truncated:
+                    episodes["returns"].append(episodes["running"])
+                    episodes["running"] = 0.0
                 obs[0] = env.reset()[0] if terminated or truncated else next_obs
                 if truncated and not terminated:  # bootstrap through the time limit
                     rewards[-1] += self.gamma * agent(torch.as_tensor(next_obs, dtype=torch.float32))[1].item()
@@ -221,6 +248,8 @@ class CartPole:
                     "advantages": advantages, "returns": advantages + values_t[:-1]}
 
         def step(optimizers: dict) -> float:
+            if not all(torch.isfinite(p).all() for p in agent.parameters()):
+                return math.nan  # the last update broke the policy: diverged (sampling from it would fail)
             with torch.no_grad():
                 batch = collect()
             losses = []
@@ -248,42 +277,86 @@ class CartPole:
                 returns.append(total)
             return {"score": float(np.mean(returns))}
 
-        return Trial({"agent": agent}, step, evaluate, self.steps)
+        def probe() -> float:
+            """The mean return of the training episodes that ended in the last rollout (its longest unfinished
+            one where none ended)."""
+            return float(np.mean(episodes["returns"])) if episodes["returns"] else episodes["running"]
+
+        return Trial({"agent": agent}, step, evaluate, self.steps, probe=probe, probe_every=self.probe_every)
 
 
-# steps per scale: smoke (seconds), quick (a few minutes for the whole study), full
+# steps per scale: smoke (seconds, for the tests), quick (minutes for the whole study), full (hours: the budgets of
+# the committed Table 1: 5 MNIST epochs, 20 epochs of the 10k-image CIFAR-10 subset, 3000 steps, 5000 GAN steps
+# (5.3 epochs at batch 64), 150 PPO iterations of 1024 environment steps)
 SCALES = {
-    "mlp_mnist": {"smoke": 30, "quick": 200, "full": 500},
-    "cnn_cifar10": {"smoke": 10, "quick": 60, "full": 120},
-    "char_lm_shakespeare": {"smoke": 10, "quick": 60, "full": 120},
-    "cgan_mnist": {"smoke": 10, "quick": 150, "full": 250},
-    "ppo_cartpole": {"smoke": 1, "quick": 8, "full": 15},
+    "mlp_mnist": {"smoke": 30, "quick": 469, "full": 2344},
+    "cnn_cifar10": {"smoke": 10, "quick": 200, "full": 1563},
+    "char_lm_shakespeare": {"smoke": 10, "quick": 300, "full": 3000},
+    "cgan_mnist": {"smoke": 10, "quick": 300, "full": 5000},
+    "ppo_cartpole": {"smoke": 1, "quick": 15, "full": 150},
 }
+MNIST_EPOCH = 469  # steps of batch 128 per pass over MNIST's 60,000 training images
 
 
 def mnist_mlp(scale: str, data_dir=None) -> Classification:
+    """An MLP (784-256-256-10) on MNIST; its lr decays by 0.9 per epoch, as in the paper's MLP experiments."""
     size = 2000 if scale == "smoke" else None
     return Classification("mlp_mnist", lambda: data.mnist(data_dir, train_size=size, test_size=size),
                           lambda: mlp(784, 256, 10, depth=3), steps=SCALES["mlp_mnist"][scale],
-                          train_size=size, test_size=size)
+                          train_size=size, test_size=size, architecture="MLP 784-256-256-10, ReLU",
+                          schedule=Schedule(decay="epoch", gamma=0.9, epoch=MNIST_EPOCH))
 
 
-def cifar_cnn(scale: str, data_dir=None) -> Classification:
+def cifar_cnn(scale: str, data_dir=None, schedule: Schedule = CONSTANT) -> Classification:
     train_size, test_size = {"smoke": (500, 500), "quick": (5000, 2000), "full": (10000, 5000)}[scale]
     return Classification("cnn_cifar10", lambda: data.cifar10(data_dir, train_size=train_size, test_size=test_size),
                           lambda: cnn(), steps=SCALES["cnn_cifar10"][scale],
-                          train_size=train_size, test_size=test_size)
+                          train_size=train_size, test_size=test_size, schedule=schedule,
+                          architecture="CNN: 3 conv3x3-ReLU-maxpool blocks (16, 32, 64 channels), linear head")
 
 
 def table1_tasks(scale: str, data_dir=None) -> dict[str, object]:
-    """The five Table 1 tasks at ``scale``."""
+    """The five Table 1 tasks at ``scale``, each with the schedule every optimizer trains it under: the CNN and
+    the transformer warm up over the first 5% of the steps, then decay along a cosine; the GAN's and PPO's lr
+    decays linearly to 0; the MLP's by 0.9 per epoch."""
+    smoke = scale == "smoke"
+    lm_steps = SCALES["char_lm_shakespeare"][scale]
     return {
         "mlp_mnist": mnist_mlp(scale, data_dir),
-        "cnn_cifar10": cifar_cnn(scale, data_dir),
-        "char_lm_shakespeare": Shakespeare(data_dir, steps=SCALES["char_lm_shakespeare"][scale]),
+        "cnn_cifar10": cifar_cnn(scale, data_dir, Schedule(warmup=0.05, decay="cosine")),
+        "char_lm_shakespeare": Shakespeare(data_dir, steps=lm_steps, validation_windows=32 if smoke else 256,
+                                           probe_every=max(1, lm_steps // 60),
+                                           schedule=Schedule(warmup=0.05, decay="cosine")),
         "cgan_mnist": ConditionalGAN(data_dir, steps=SCALES["cgan_mnist"][scale],
-                                     train_size=2000 if scale == "smoke" else None,
-                                     classifier_steps=100 if scale == "smoke" else 1500,
-                                     samples=500 if scale == "smoke" else 2000),
-        "ppo_cartpole": CartPole(iterations=SCALES["ppo_cartpole"][scale], rollout=256 if scale == "smoke" else 1024),
+                                     train_size=2000 if smoke else None,
+                                     classifier_steps=100 if smoke else 1500,
+                                     samples=500 if smoke else 2000, schedule=Schedule(decay="linear")),
+        "ppo_cartpole": CartPole(iterations=SCALES["ppo_cartpole"][scale], rollout=256 if smoke else 1024,
+                                 schedule=Schedule(decay="linear")),
     }
+
+
+DEEP = {  # depths, width, steps, training images: the deep plain MLPs
+    "smoke": ((4, 8), 32, 30, 2000),
+    "quick": ((8, 32), 64, MNIST_EPOCH, None),
+    "full": ((32, 64, 100), 64, 5 * MNIST_EPOCH, None),
+}
+
+
+def deep_mlp_tasks(scale: str, data_dir=None) -> dict[str, Classification]:
+    """Plain MLPs (ReLU, PyTorch's default init, no normalisation, no skips) of each depth of ``DEEP[scale]`` on
+    MNIST; the lr decays by 0.9 per epoch, as in the paper's deep MLP experiment."""
+    depths, width, steps, size = DEEP[scale]
+    loaded: list[tuple] = []
+
+    def mnist() -> tuple:
+        if not loaded:
+            loaded.append(data.mnist(data_dir, train_size=size, test_size=size))
+        return loaded[0]
+
+    schedule = Schedule(decay="epoch", gamma=0.9, epoch=MNIST_EPOCH)
+    return {f"mlp_depth{depth}": Classification(f"mlp_depth{depth}", mnist,
+                                                lambda depth=depth: mlp(784, width, 10, depth=depth), steps=steps,
+                                                train_size=size, test_size=size, schedule=schedule,
+                                                architecture=f"MLP depth {depth}, width {width}, ReLU")
+            for depth in depths}
