@@ -14,6 +14,7 @@ from nero_core._base import check_hyperparameter
 
 from ._axes import NeuronAxisTree, check_floating, check_shapes, leaf_neuron_axes
 from ._fused import neuron_steps
+from ._schedule import check_scheduled, value_at
 
 __all__ = ["NeroState", "nero"]
 
@@ -80,7 +81,7 @@ def nero(
     normalise: bool = True,
     neuron_axis: NeuronAxisTree = -1,
     fused: bool = True,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """Nero, the neuronal rotator (Liu, Bernstein, Meister & Yue, ICML 2021), as an optax transformation.
 
     Each neuron (a slice of a weight leaf along its neuron axis) is kept zero-mean and unit-norm and turned by
@@ -91,12 +92,14 @@ def nero(
 
     ``update(grads, state, params)`` needs ``params`` and returns updates (new minus old parameters) for
     ``optax.apply_updates``; in ``optax.chain`` put Nero last. If any gradient holds NaN or Inf the whole step
-    is skipped (zero updates, state unchanged) and counted in ``state.skipped``.
+    is skipped (zero updates, state unchanged) and counted in ``state.skipped``. Extra keyword arguments to
+    ``update`` are accepted and ignored (optax's ``GradientTransformationExtraArgs``).
 
     Args:
-        learning_rate: about the angle, in radians, each neuron turns per step. A float or a 0-d array
+        learning_rate: about the angle, in radians, each neuron turns per step. A float, a 0-d array
             (``optax.inject_hyperparams``; keep ``neuron_axis`` static there:
-            ``optax.inject_hyperparams(nero, static_args="neuron_axis")``).
+            ``optax.inject_hyperparams(nero, static_args="neuron_axis")``), or an optax schedule, a function of
+            the step count (``state.count``: updates taken, skipped steps excluded) giving the rate.
         beta: decay of the per-neuron second moment, in ``[0, 1)``.
         centre: keep every neuron's weights zero-mean.
         normalise: keep every neuron's weights unit-norm.
@@ -114,19 +117,19 @@ def nero(
             matches to rounding.
 
     Returns:
-        An ``optax.GradientTransformation``.
+        An ``optax.GradientTransformationExtraArgs``.
     """
     # Checked now, not at the first update, and by the names users pass.
-    check_hyperparameter("learning_rate", learning_rate, low=0.0, high=math.inf, high_open=False)
+    check_scheduled("learning_rate", learning_rate, low=0.0, high=math.inf, high_open=False)
     check_hyperparameter("beta", beta, low=0.0, high=1.0, high_open=True)
-    hyper = dict(lr=learning_rate, beta=beta, centre=centre, normalise=normalise)
+    options = dict(beta=beta, centre=centre, normalise=normalise)
 
     def init(params: Any) -> NeroState:
         paths, leaves = _paths_and_leaves(params)
         check_floating(paths, leaves)
         axes = leaf_neuron_axes(neuron_axis, params)
         shapes = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
-        core = nero_core.nero(**hyper, neuron_axis=axes).init(shapes, xp=jnp)
+        core = nero_core.nero(**options, neuron_axis=axes).init(shapes, xp=jnp)  # reads no rate
         shardings = [_sharding(leaf) for leaf in leaves]
         first = shardings[0] if shardings else None
         treedef = jax.tree.structure(params)
@@ -137,7 +140,8 @@ def nero(
             skipped=_place(core.skipped, first, None),
         )
 
-    def update(updates: Any, state: NeroState, params: Any = None) -> tuple[Any, NeroState]:
+    def update(updates: Any, state: NeroState, params: Any = None, **extra_args: Any) -> tuple[Any, NeroState]:
+        del extra_args  # optax's convention: what other transformations of a chain take, this one ignores
         if params is None:
             raise ValueError(
                 "nero needs the current params: call update(grads, state, params); in optax.chain put nero last"
@@ -164,13 +168,16 @@ def nero(
             "for these params: init the state with them, or load a checkpoint with nero_optax.restore_state",
         )
         step = _fused_step if fused else _core_step
-        new_ps, count, vs, sigmas, skipped = step(ps, gs, state.count, vs, sigmas, state.skipped, axes=axes, **hyper)
+        lr = value_at(learning_rate, state.count)
+        new_ps, count, vs, sigmas, skipped = step(
+            ps, gs, state.count, vs, sigmas, state.skipped, axes=axes, lr=lr, **options
+        )
         new_updates = [(new - p).astype(p.dtype) for new, p in zip(new_ps, ps)]
         return treedef.unflatten(new_updates), NeroState(
             count, treedef.unflatten(vs), treedef.unflatten(sigmas), skipped
         )
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def _core_step(ps, gs, count, vs, sigmas, skipped, *, axes, **hyper):

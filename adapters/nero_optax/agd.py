@@ -18,6 +18,8 @@ from nero_core._agd import AGDState, Layout, weight_axes
 from nero_core._agd import agd as agd_rule
 from nero_core._agd import agd_init as agd_init_rule
 
+from ._schedule import check_scheduled, value_at
+
 __all__ = ["AGDState", "agd", "agd_init"]
 
 
@@ -36,25 +38,32 @@ def _sibling_weights(params: Any, layout: Layout) -> list[int | None]:
     return attach
 
 
-def agd(gain: Any = 1.0, *, layout: Layout = "flax", skip_nonfinite: bool = True) -> optax.GradientTransformation:
+def agd(
+    gain: Any = 1.0, *, layout: Layout = "flax", skip_nonfinite: bool = True
+) -> optax.GradientTransformationExtraArgs:
     """AGD as an optax transformation: apply its updates with ``optax.apply_updates``; ``state.eta`` is the last
     step's automatic learning rate. Arguments as in :func:`nero_core.agd`; ``gain`` may be an
-    ``optax.inject_hyperparams`` array. The parameters are not needed (``update(grads, state)`` works)."""
-    agd_rule(gain)  # validates gain now rather than at the first step
+    ``optax.inject_hyperparams`` array or an optax schedule (a function of ``state.count``, the steps taken). The
+    parameters are not needed (``update(grads, state)`` works); extra keyword arguments to ``update`` are accepted
+    and ignored (optax's ``GradientTransformationExtraArgs``)."""
+    check_scheduled("gain", gain, low=0.0, high=float("inf"), high_open=False)  # now rather than at the first step
 
-    def rule(tree: Any) -> Any:
+    def rule(tree: Any, gain: Any = 1.0) -> Any:
         return agd_rule(gain, layout=layout, attach=_sibling_weights(tree, layout), skip_nonfinite=skip_nonfinite)
 
     def init(params: Any) -> AGDState:
         return rule(params).init(jax.tree_util.tree_leaves(params), xp=jnp)
 
-    def update(updates: Any, state: AGDState, params: Any = None) -> tuple[Any, AGDState]:
+    def update(updates: Any, state: AGDState, params: Any = None, **extra_args: Any) -> tuple[Any, AGDState]:
+        del params, extra_args  # the step reads neither
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         # The step does not read the parameters, so stepping from zeros gives exactly minus the step.
-        steps, state = rule(updates).update(leaves, state, [jnp.zeros_like(g) for g in leaves])
+        steps, state = rule(updates, value_at(gain, state.count)).update(
+            leaves, state, [jnp.zeros_like(g) for g in leaves]
+        )
         return jax.tree_util.tree_unflatten(treedef, steps), state
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def agd_init(params: Any, seed: int = 0, *, layout: Layout = "flax") -> Any:
