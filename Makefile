@@ -2,6 +2,8 @@
 #   make demo   the main job
 #   make test   the test suite
 #   make docs   the documentation site, built strictly into site/
+#   make typecheck    mypy over the packages (configured in pyproject.toml)
+#   make wheel-check  the wheel as users install it: built, checked, installed outside the checkout, smoke-tested
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +11,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 EXTRAS ?= test,examples,bench,docs
 
-.PHONY: setup demo test docs chromium bench clean
+.PHONY: setup demo test docs chromium bench clean typecheck wheel-check
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +36,28 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "warning: could not install chromium; the docs browser test will fail (NERO_DOCS_SKIP_BROWSER=1 skips it)"
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+# The wheel as users get it: `python -m build` (the sdist, then the wheel from it), `twine check`, installed (not
+# editable) with its torch and jax extras into a fresh virtual environment outside the checkout; then, from outside
+# the checkout, the smoke test, the kernels' fallback and cache tests, and mypy --strict over a user's program.
+WHEEL_CHECK_DIR ?= $(or $(TMPDIR),/tmp)/nero-core-wheel-check
+WHEEL_VENV := $(WHEEL_CHECK_DIR)/venv
+wheel-check: $(STAMP)
+	rm -rf $(WHEEL_CHECK_DIR) && mkdir -p $(WHEEL_CHECK_DIR)
+	$(PY) -m build --outdir $(WHEEL_CHECK_DIR)/dist . > $(WHEEL_CHECK_DIR)/build.log 2>&1 || { cat $(WHEEL_CHECK_DIR)/build.log; exit 1; }
+	$(PY) -m twine check --strict $(WHEEL_CHECK_DIR)/dist/*
+	$(PY) -m zipfile -l $(WHEEL_CHECK_DIR)/dist/*.whl
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install --quiet --no-compile -c requirements/constraints.txt \
+		"$$(ls $(WHEEL_CHECK_DIR)/dist/*.whl)[torch,jax]" pytest
+	cd $(WHEEL_CHECK_DIR) && venv/bin/python $(CURDIR)/tests/installed/smoke.py
+	cd $(WHEEL_CHECK_DIR) && NERO_TEST_INSTALLED=1 venv/bin/python -m pytest -q -p no:cacheprovider \
+		--confcutdir=$(CURDIR)/tests/installed $(CURDIR)/tests/installed
+	cd $(WHEEL_CHECK_DIR) && $(CURDIR)/$(VENV)/bin/mypy --strict --no-incremental --python-executable venv/bin/python \
+		$(CURDIR)/tests/installed/typing_usage.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info site

@@ -20,24 +20,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nero_core._kernels import load_library
+from nero_core._kernels import Unavailable, load_library, warn_unavailable
 
 __all__ = ["applies", "sums"]
 
 SOURCE = Path(__file__).with_name("_native.cc")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp-simd", "-fPIC", "-shared", "-ffp-contract=off", "-w"]
 TARGET = "nero_optax_sums"
+WHO, FALLBACK = "nero_optax.nero", "XLA's reductions"
+_handler: list[Any] = []  # the library whose NeroSums is registered for TARGET, kept loaded
 
 
 @functools.cache
 def _registered() -> bool:
     """Build, load and register the custom call once per process; False (with a warning) where it cannot be."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    lib = load_library(SOURCE, compiler, [*FLAGS, f"-I{jax.ffi.include_dir()}"], who="nero_optax.nero",
-                       fallback="XLA's reductions", language="C++", key=jax.__version__)
+    include = Path(jax.ffi.include_dir())
+    if compiler is not None and not (include / "xla" / "ffi" / "api" / "ffi.h").is_file():
+        why = Unavailable(f"could not build the CPU kernel (jaxlib's XLA FFI headers are not in {include})",
+                          "Reinstall jaxlib from its wheel, which ships them.")
+        warn_unavailable(WHO, why, FALLBACK, stacklevel=3)
+        return False
+    lib = load_library(SOURCE, compiler, [*FLAGS, f"-I{include}"], who=WHO, fallback=FALLBACK, language="C++",
+                       key=jax.__version__)
     if lib is None:
         return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.NeroSums), platform="cpu")
+    if not _handler:  # once per process: XLA refuses a second handler for the target
+        _handler.append(lib)
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.NeroSums), platform="cpu")
     return True
 
 
