@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import itertools
 import os
 import shutil
 from pathlib import Path
@@ -35,18 +34,18 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (with a warning) where they cannot be built here."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     lib = load_library(SOURCE, compiler, FLAGS, libs=["-lm"], who="Nero(fused=True)", fallback="the torch kernels")
-    if lib is None:
-        return None
+    return None if lib is None else declared(lib)
+
+
+def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` (a build of ``_native.c``) with its kernels' C signatures declared to ctypes."""
     for suffix in ("f32", "f64"):
-        sums = getattr(lib, f"nero_row_sums_{suffix}")
-        sums.restype = ctypes.c_int
-        sums.argtypes = [ctypes.c_int64, _I64, _I64, _I64, _I64, _I64, _F64, _F64, ctypes.c_int]
-        step = getattr(lib, f"nero_apply_{suffix}")
-        step.restype = None
-        step.argtypes = [ctypes.c_int64] + [_I64] * 9 + [_F64, _F64, _F64, ctypes.c_int]
-        one_pass = getattr(lib, f"nero_step_{suffix}")
-        one_pass.restype = ctypes.c_int64
-        one_pass.argtypes = [ctypes.c_int64] + [_I64] * 8 + [_F64, _F64, ctypes.c_int]
+        check = getattr(lib, f"nero_check_{suffix}")
+        check.restype = ctypes.c_int
+        check.argtypes = [ctypes.c_int64] + [_I64] * 4 + [_F64, ctypes.c_int]
+        step = getattr(lib, f"nero_step_{suffix}")
+        step.restype = ctypes.c_int64
+        step.argtypes = [ctypes.c_int64] + [_I64] * 8 + [_F64, _F64, ctypes.c_int]
     return lib
 
 
@@ -64,33 +63,26 @@ def _doubles(values: list[float]) -> ctypes.Array:
 
 class Batch:
     """Tensors of one dtype laid out for the kernels (as ctypes arrays, cheaper to build each step than tensors):
-    pointers, row counts and lengths, row offsets, and (phase one's result, phase two's input) the new ``v`` of
-    every row."""
+    pointers, row counts and lengths, and each tensor's beta."""
 
     def __init__(self, grads: list[Tensor], states: list[dict[str, Tensor]], shapes: list[tuple[int, int]],
                  betas: list[float]):
         self.dtype = grads[0].dtype
         self.count = len(grads)
-        rows = [n for n, _ in shapes]
-        self.rows = _int64s(rows)
+        self.rows = _int64s([n for n, _ in shapes])
         self.cols = _int64s([k for _, k in shapes])
-        self.offsets = _int64s([0, *itertools.accumulate(rows[:-1])])
-        self.total_rows = sum(rows)
         self.betas = _doubles(betas)
         # every tensor whose address goes to C is held here until the batch is dropped
         self.tensors = grads, states
         self.grads = _int64s([g.data_ptr() for g in grads])
         self.v, self.sigma, self.step = (_int64s([s[key].data_ptr() for s in states]) for key in ("v", "sigma", "step"))
-        self.v_new: ctypes.Array | None = None
 
 
 def new_v(batch: Batch) -> bool:
-    """Phase one: every row's new ``v`` into ``batch`` (nothing written to the state); True when all are finite."""
-    fn = getattr(library(), f"nero_row_sums_{_suffix(batch.dtype)}")
-    batch.v_new = (ctypes.c_double * batch.total_rows)()
-    finite = fn(batch.count, batch.grads, batch.v, batch.rows, batch.cols, batch.offsets, batch.betas, batch.v_new,
-                torch.get_num_threads())
-    return bool(finite)
+    """Phase one: whether every row's new ``v`` is finite (one read of the gradients; nothing written). Phase two
+    computes the same ``v`` again, in the same order, from the gradient rows it reads anyway."""
+    fn = getattr(library(), f"nero_check_{_suffix(batch.dtype)}")
+    return bool(fn(batch.count, batch.grads, batch.v, batch.rows, batch.cols, batch.betas, torch.get_num_threads()))
 
 
 def _per_tensor(params: list[Tensor], flags: list[int], lrs: list[float]) -> tuple[ctypes.Array, ...]:
@@ -98,17 +90,18 @@ def _per_tensor(params: list[Tensor], flags: list[int], lrs: list[float]) -> tup
 
 
 def apply(batch: Batch, params: list[Tensor], flags: list[int], lrs: list[float]) -> None:
-    """Phase two: update every parameter, its ``v`` and its ``step`` in place (``lrs`` signed: negative to
-    maximise)."""
-    fn = getattr(library(), f"nero_apply_{_suffix(batch.dtype)}")
-    p, flag_bits, lr = _per_tensor(params, flags, lrs)
-    fn(batch.count, p, batch.grads, batch.v, batch.sigma, batch.step, batch.rows, batch.cols, flag_bits, batch.offsets,
-       batch.v_new, lr, batch.betas, torch.get_num_threads())
+    """Phase two, after :func:`new_v` found every new ``v`` finite: update every parameter, its ``v`` and its
+    ``step`` in place (``lrs`` signed: negative to maximise)."""
+    _step(batch, params, flags, lrs)
 
 
 def step(batch: Batch, params: list[Tensor], flags: list[int], lrs: list[float]) -> int:
     """The whole step in one pass (``skip_nonfinite="neuron"``): a row whose new ``v`` is not finite keeps its
     weights and ``v``; returns how many rows did."""
+    return _step(batch, params, flags, lrs)
+
+
+def _step(batch: Batch, params: list[Tensor], flags: list[int], lrs: list[float]) -> int:
     fn = getattr(library(), f"nero_step_{_suffix(batch.dtype)}")
     p, flag_bits, lr = _per_tensor(params, flags, lrs)
     return int(fn(batch.count, p, batch.grads, batch.v, batch.sigma, batch.step, batch.rows, batch.cols, flag_bits,
