@@ -1,8 +1,10 @@
 """The CPU kernel of ``Nero(fused=True)``: ``_native.c``, compiled on first use with the system's C compiler.
 
-The shared library is cached under ``$NERO_KERNEL_CACHE`` (default ``~/.cache/nero-core/kernels``), keyed by the
-source, the compiler and this CPU's instruction set, so it is built once per machine (about a second). Without a
-working compiler, :func:`library` returns None and ``Nero`` uses its torch kernels instead (the same maths).
+The shared library is cached (``nero_core._kernels``: ``$NERO_KERNEL_CACHE``, else under ``$XDG_CACHE_HOME`` or
+``~/.cache``), keyed by the source, the compiler, its flags and this CPU's instruction set, so it is built once per
+machine (about a second). Without a working compiler, :func:`library` returns None and ``Nero`` uses its torch
+kernels instead (the same maths): ``torch.compile``'d ones where :func:`compiles`, else the eager ones. It includes
+no torch header, so torch's version is not part of its key.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from nero_core._kernels import load_library
+from nero_core._kernels import Unavailable, compiler_runs, load_library, warn_unavailable
 
-__all__ = ["CENTRE", "NORMALISE", "Batch", "apply", "library", "new_v", "step"]
+__all__ = ["CENTRE", "NORMALISE", "Batch", "apply", "compiles", "library", "new_v", "step"]
 
 SOURCE = Path(__file__).with_name("_native.c")
 FLAGS = [
@@ -33,6 +35,8 @@ _F64 = ctypes.POINTER(ctypes.c_double)
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (with a warning) where they cannot be built here."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler_runs(compiler) and not compiles("cpu"):  # no compiler works: compiles() gave the one warning
+        return None
     lib = load_library(SOURCE, compiler, FLAGS, libs=["-lm"], who="Nero(fused=True)", fallback="the torch kernels")
     return None if lib is None else declared(lib)
 
@@ -47,6 +51,27 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
         step.restype = ctypes.c_int64
         step.argtypes = [ctypes.c_int64] + [_I64] * 8 + [_F64, _F64, ctypes.c_int]
     return lib
+
+
+@functools.cache
+def compiles(device_type: str) -> bool:
+    """Whether ``torch.compile`` can build kernels for ``device_type`` here: False (with one warning) on a CPU
+    without the C++ compiler that Inductor needs for its CPU kernels."""
+    if device_type != "cpu":
+        return True
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch layout: let torch.compile say for itself
+        return True
+    try:
+        get_cpp_compiler()
+    except Exception as error:  # torch._inductor.exc.InvalidCxxCompiler
+        why = Unavailable(f"torch.compile finds no C++ compiler for its CPU kernels ({type(error).__name__})",
+                          "For the compiled kernels install one (Debian: apt-get install g++) or set CXX; with a C "
+                          "compiler too (gcc, or CC) Nero builds its faster C kernel.")
+        warn_unavailable("Nero(fused=True)", why, "the eager torch kernels", stacklevel=3)
+        return False
+    return True
 
 
 def _suffix(dtype: torch.dtype) -> str:

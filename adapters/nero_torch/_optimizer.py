@@ -81,7 +81,7 @@ class Nero(torch.optim.Optimizer):
     after ``load_state_dict``. With ``OneCycleLR`` pass ``cycle_momentum=False``: Nero has no momentum to cycle.
     """
 
-    _skip_mode = "step"  # for an optimizer pickled before skip_nonfinite existed
+    _skip_mode: str | None = "step"  # for an optimizer pickled before skip_nonfinite existed
 
     def __init__(
         self,
@@ -211,7 +211,7 @@ class Nero(torch.optim.Optimizer):
                 if self._skip_mode != "neuron" or sharded is not None:
                     return loss
                 held = self._held_neurons(work, checks)
-            finite = None
+            finite = None  # type: ignore[assignment]  # checked: the kernels skip the check
         else:
             self._skipped.add_((~finite).to(self._skipped.device, torch.int64))
         for (group, params, grads, specs), ss in zip(work, sizes):
@@ -285,7 +285,7 @@ class Nero(torch.optim.Optimizer):
         hyper = dict(lr=group["lr"], beta=group["beta"], maximize=group["maximize"])
         states = [self.state.get(p) for p in params]  # .get: a skipped first step must leave no entry behind
         return [
-            _kernel(_step_sizes_flat, group["fused"], s)(g, st["v"], st["step"], st["sigma"], s, **hyper)
+            _kernel(_step_sizes_flat, group["fused"], s, g.device)(g, st["v"], st["step"], st["sigma"], s, **hyper)
             if st and g.numel() else None
             for g, st, s in zip(grads, states, specs)
         ]
@@ -306,7 +306,7 @@ class Nero(torch.optim.Optimizer):
         for p, g, spec, s in zip(params, grads, specs, sizes):
             if s is not None:
                 st = self.state[p]
-                kernel = _kernel(_apply_step_flat, group["fused"], spec)
+                kernel = _kernel(_apply_step_flat, group["fused"], spec, p.device)
                 flag = finite if kernel is _apply_step_flat else taken  # compiled kernels are branch-free
                 # detach: dynamo gives Parameters static sizes, a plain view of the same memory stays dynamic
                 kernel(p.detach(), g, st["v"], st["step"], st["sigma"], spec, *s, flag)
@@ -336,10 +336,11 @@ def _apply_step_flat(p, g, v, step, sigma, spec, v_new, c, c_sg, cc_gg, sg, fini
 _COMPILED: dict[Callable, Callable] = {}
 
 
-def _kernel(fn: Callable, fused: bool | None, spec: TensorSpec) -> Callable:
+def _kernel(fn: Callable, fused: bool | None, spec: TensorSpec, device: torch.device) -> Callable:
     """``fn``, or for neuron tensors under ``fused=True`` its ``torch.compile``'d form (once per rank, sizes
-    dynamic). Bias-like tensors are small: a compiled call would cost more in guards than it saves."""
-    if not fused or spec.axis is None:
+    dynamic) where torch.compile works on ``device``. Bias-like tensors are small: a compiled call would cost more
+    in guards than it saves."""
+    if not fused or spec.axis is None or not _native.compiles(device.type):
         return fn
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
