@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple, TypeGuard, Union
 
 import numpy as np
 from array_api_compat import device as device_of
@@ -61,7 +61,7 @@ class AGDState(NamedTuple):
     skipped: Any
 
 
-def _is_pair(entry: Any) -> bool:
+def _is_pair(entry: Any) -> TypeGuard[Axes]:
     return isinstance(entry, Sequence) and len(entry) == 2 and all(type(a) is int for a in entry)
 
 
@@ -95,7 +95,7 @@ def weight_axes(shapes: Sequence[tuple[int, ...]], layout: Layout = "torch") -> 
     elif layout is None or isinstance(layout, str) or _is_pair(layout):
         entries = [layout] * len(shapes)
     else:
-        entries = list(layout)
+        entries = list(layout)  # type: ignore[arg-type]  # a sequence of entries, by elimination
         if len(entries) != len(shapes):
             raise ValueError(f"layout has {len(entries)} entries but there are {len(shapes)} parameters")
     return tuple(_resolve(tuple(s), e, i) for i, (s, e) in enumerate(zip(shapes, entries)))
@@ -193,7 +193,7 @@ def agd(
         weights = [i for i, a in enumerate(axes) if a is not None]
         dtype = state.eta.dtype
         grads = [xp.astype(g, compute_dtype(xp, p.dtype), copy=False) for g, p in zip(grads, params)]
-        scale = {i: _scale(tuple(params[i].shape), axes[i]) for i in weights}
+        scale = {i: _scale(tuple(params[i].shape), axes[i]) for i in weights}  # type: ignore[arg-type]
         norms = {i: xp.sqrt(xp.sum(grads[i] * grads[i], axis=axes[i], keepdims=True)) for i in weights}
         total = sum(scale[i] * xp.astype(xp.sum(norms[i]), dtype) for i in weights) / len(weights)
         eta = xp.log((1 + xp.sqrt(1 + 4 * total)) / 2)

@@ -76,7 +76,8 @@ def check_hyperparameter(name: str, value: Any, *, low: float, high: float, high
         if is_array_api_obj(value):
             return
         raise TypeError(f"{name} must be a number or a 0-d array, got {value!r}")
-    bad = not math.isfinite(value) or value < low or (value >= high if high_open else value > high)
+    number = float(value)
+    bad = not math.isfinite(number) or number < low or (number >= high if high_open else number > high)
     if bad:
         bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
         raise ValueError(f"{name} must be a finite number in {bound}, got {value!r}")

@@ -47,7 +47,7 @@ class NeroState(NamedTuple):
              ``skip_nonfinite="neuron"`` held back for the neurons concerned.
     """
 
-    count: tuple[Any, ...]
+    count: tuple[Any, ...]  # type: ignore[assignment]  # optax's name for it; shadows tuple.count
     v: tuple[Any, ...]
     sigma: tuple[Any, ...]
     skipped: Any

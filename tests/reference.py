@@ -1,4 +1,4 @@
-"""An independent float64 NumPy transcription of the maths in DESIGN.md, neuron by neuron.
+"""An independent float64 NumPy transcription of the maths in docs/design.md, neuron by neuron.
 
 Written with explicit loops over neurons and none of nero_core's helpers, so that agreement with the
 array-API rule means something.

@@ -18,7 +18,7 @@ STEPS = 4
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The maths of DESIGN.md in float64, slice by slice, with none of nero_core's helpers.
+# The maths of docs/design.md in float64, slice by slice, with none of nero_core's helpers.
 
 
 def reference_step(params, grads, axes, gain=1.0):

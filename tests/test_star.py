@@ -1,4 +1,4 @@
-"""The array-API STAR rule on every backend: against an independent float64 NumPy transcription of DESIGN.md, the
+"""The array-API STAR rule on every backend: against an independent float64 NumPy transcription of docs/design.md, the
 AdamAggMo identity, the shipped meta-parameters, and its state handling."""
 
 from __future__ import annotations

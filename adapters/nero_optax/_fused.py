@@ -91,7 +91,7 @@ def neuron_steps(
     others = [tuple(i for i in range(p.ndim) if i != axis) for p, axis in zip(ps, axes)]
     fan_in = [math.prod(p.shape[i] for i in o) for p, o in zip(ps, others)]
     rows = [v.shape[0] for v in vs]
-    sums = []
+    sums: list[tuple[Any, ...]] = []
     for g, w, p, axis, o in zip(grads, ws, gs, axes, others):
         if p.dtype == dtype and _native.applies(w, axis):  # one read of g and w (XLA would read g three times)
             sums.append(_native.sums(g, w, axis))

@@ -88,7 +88,7 @@ def nero(
     about ``learning_rate`` radians per step: ``w <- balanced(w - lr * sigma * g / sqrt(v_hat))`` with
     ``v = beta * v + (1 - beta) * |g_row|^2`` per neuron. Bias-like leaves (ndim < 2, or fan-in 1) move by the
     same relative rule elementwise, scaled by their mean magnitude ``sigma``. The first update projects weights
-    onto balanced neurons. See nero_core's DESIGN for the exact rule.
+    onto balanced neurons. See docs/design.md for the exact rule.
 
     ``update(grads, state, params)`` needs ``params`` and returns updates (new minus old parameters) for
     ``optax.apply_updates``; in ``optax.chain`` put Nero last. If any gradient holds NaN or Inf the whole step

@@ -191,10 +191,10 @@ def _row_terms(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``c, mean, scale`` per row with ``balanced(w - c*g) = (w - c*g - mean) * scale``, from the old row's sums."""
     k = numel // sizes.c.shape[0]  # zero-size tensors never come here: the core rule takes them
-    sy = sw - sizes.c_sg
+    sy = sw - sizes.c_sg  # type: ignore[operator]  # set for neuron tensors, the only ones here
     mean = sy / k if spec.centre else torch.zeros_like(sy)
     if not spec.normalise:
         return sizes.c, mean, torch.ones_like(sy)
-    sq = ww - 2 * sizes.c * wg + sizes.cc_gg - sy * mean  # |w - c*g - mean|^2
+    sq = ww - 2 * sizes.c * wg + sizes.cc_gg - sy * mean  # type: ignore[operator]  # |w - c*g - mean|^2
     # A zero row stays zero at any finite scale; one plain use of sq lets inductor keep it in the row loop.
     return sizes.c, mean, sq.clamp_min(torch.finfo(sq.dtype).tiny).rsqrt()
