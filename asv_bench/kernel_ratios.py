@@ -9,7 +9,7 @@ their steps are timed in interleaved blocks (so that load on a shared machine fa
 round gives every optimizer's time per step and its ratio to SGD (``torch.optim.SGD(foreach=True)``, no
 momentum: the bandwidth floor) measured in that round; the table gives the median over rounds with the spread
 (lowest and highest ratio), the ratio of the fastest rounds (the least disturbed by other load), and the
-machine (CPU model, caches, threads). ``--clock cpu`` times with the process's CPU time instead of the wall clock:
+machine (CPU model, caches, threads). ``--clock cpu`` times with the process's CPU time instead of the wall clock (``--clock thread``: the calling thread's):
 on a machine shared with other work it leaves out the time the process waits for a core (with one thread it is
 then the time an idle machine would show; with several it also counts threads that spin while waiting).
 """
@@ -64,7 +64,7 @@ def make_steps(shapes: list[tuple[int, ...]], names: list[str], seed: int = 0) -
     return steps
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time, "thread": time.thread_time}
 
 
 def measure(steps: dict[str, Callable[[], object]], rounds: int, block_seconds: float,
