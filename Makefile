@@ -59,5 +59,15 @@ wheel-check: $(STAMP)
 	cd $(WHEEL_CHECK_DIR) && NERO_TEST_INSTALLED=1 venv/bin/python -m pytest -q -p no:cacheprovider \
 		--confcutdir=$(CURDIR)/tests/installed $(CURDIR)/tests/installed
 
+# Speed (asv_bench/README.md). bench-history measures main's kernel-changing commits not yet in the committed results
+# (asv_bench/results; REVS="HEAD" or any revisions instead) and publishes the dashboard; bench-gate compares this
+# checkout's ratio benchmarks with the last measured commit's, re-measured here, and fails on a slowdown.
+.PHONY: bench-history bench-gate
+bench-history: $(STAMP)
+	$(PY) asv_bench/history.py $(REVS)
+
+bench-gate: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) asv_bench/gate.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info site

@@ -1,14 +1,20 @@
-"""Nero against the optimizers users run today, as ratios measured in one process.
+"""Nero against the optimizers users run today, as ratios measured in one process: the ratio table.
 
     python asv_bench/ratios.py --quick                      # every shape set and available backend, few rounds
-    python asv_bench/ratios.py --shapes gpt2 --backends torch-cpu,jax-cpu
+    python asv_bench/ratios.py --shapes gpt2 --backends torch-cpu,jax-cpu --threads 1
 
-For each shape set and backend this builds every optimizer in ``benchmarks/cases.py``, times their steps in
-interleaved rounds (so that load on the machine falls on all of them alike) and prints, per optimizer: the median
-step time and its ratio to the framework's best Adam (torch ``fused=True``, jitted ``optax.adam``, the in-place
-baseline on NumPy/CuPy), to SGD and to Muon; the state bytes and their ratio to Adam's; and the peak extra memory
-during a step against the largest single parameter. The table is also written as JSON and Markdown (``--out``,
-default asv_bench/ratios-out/ratios.{json,md}).
+A front end to the asv suite: the cases are ``benchmarks/cases.py``'s and the timing ``benchmarks/timing.py``'s,
+as in the suite's ratio benchmarks (``track_x_adam``, ``track_x_sgd``) and the regression gate, so a ratio here
+means what it means on the dashboard. ``python -m nero_torch.benchmark`` and ``python -m nero_optax.benchmark`` run
+this script for one framework.
+
+For each shape set and backend this builds every optimizer, times their steps in interleaved rounds (so that load
+on the machine falls on all of them alike) and prints, per optimizer: the median step time, and its ratio to the
+framework's best Adam (torch ``fused=True``, jitted ``optax.adam``, the in-place baseline on NumPy/CuPy), to SGD
+and to Muon, each the median over rounds of the two times in the same round; the state bytes and their ratio to
+Adam's; and the peak extra memory during a step against the largest single parameter. The table is written as
+JSON and Markdown (``--out``, default asv_bench/ratios-out/ratios.{json,md}) with the machine it ran on
+(``benchmarks/machine.py``: CPU, caches, threads, and the memory bandwidth measured by a copy in the same run).
 
 Host memory is measured in a child process started with glibc's malloc mapping every large block (see
 ``benchmarks/memory.py``), so that timings here run with the allocator users get.
@@ -19,22 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from benchmarks import memory  # noqa: E402
-from benchmarks.cases import BACKENDS, Unavailable, make_case  # noqa: E402
+from benchmarks import memory, timing  # noqa: E402
+from benchmarks.cases import ADAM, BACKENDS, Unavailable, make_case  # noqa: E402
+from benchmarks.machine import describe, summary  # noqa: E402
 from benchmarks.shapes import SHAPE_SETS, largest_tensor, parameter_count  # noqa: E402
-
-ADAM = {"torch": "adam-fused", "jax": "adam", "numpy": "adam", "cupy": "adam"}
 # The issue's targets on the GPT-2-like set, CPU: (backend family, reference, largest allowed ratio).
 TARGETS = [("torch", "adam-fused", 0.6), ("torch", "sgd", 1.3), ("jax", "adam", 0.75)]
 STATE_TARGET = 0.005  # Nero's state / Adam's
@@ -45,26 +46,9 @@ def family(backend: str) -> str:
     return backend.split("-")[0]
 
 
-def time_cases(cases: dict, rounds: int, block_seconds: float) -> dict[str, float]:
-    """Median seconds per step of each case, over ``rounds`` interleaved blocks of about ``block_seconds``."""
-    per_block = {}
-    for name, case in cases.items():
-        start = time.perf_counter()
-        case.step()
-        per_block[name] = max(1, round(block_seconds / max(time.perf_counter() - start, 1e-6)))
-    samples: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, case in cases.items():
-            n = per_block[name]
-            start = time.perf_counter()
-            for _ in range(n):
-                case.step()
-            samples[name].append((time.perf_counter() - start) / n)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
-def measure_times(shapes: str, backend: str, rounds: int, block_seconds: float) -> tuple[dict, dict]:
-    """``({optimizer: {seconds, state_bytes}}, {optimizer: why it was skipped})`` for one shape set and backend."""
+def measure_times(shapes: str, backend: str, timing_options: dict) -> tuple[dict, dict]:
+    """``({optimizer: {seconds, x_adam, x_sgd, x_muon, state_bytes}}, {optimizer: why it was skipped})`` for one
+    shape set and backend; a ratio is None where its reference was skipped."""
     cases, skipped = {}, {}
     for optimizer in BACKENDS[backend]:
         try:
@@ -72,8 +56,14 @@ def measure_times(shapes: str, backend: str, rounds: int, block_seconds: float) 
         except Unavailable as exc:
             skipped[optimizer] = str(exc)
     print(f"timing {shapes} on {backend}: {', '.join(cases)}", file=sys.stderr, flush=True)
-    seconds = time_cases(cases, rounds, block_seconds) if cases else {}
-    return {o: {"seconds": seconds[o], "state_bytes": c.state_bytes()} for o, c in cases.items()}, skipped
+    samples = timing.interleave({o: c.step for o, c in cases.items()}, **timing_options) if cases else {}
+
+    def x(optimizer: str, reference: str) -> float | None:
+        return timing.ratio(samples, optimizer, reference) if reference in samples else None
+
+    times = {o: {"seconds": timing.seconds(samples, o), "x_adam": x(o, ADAM[backend]), "x_sgd": x(o, "sgd"),
+                 "x_muon": x(o, "muon"), "state_bytes": c.state_bytes()} for o, c in cases.items()}
+    return times, skipped
 
 
 def measure_memory(shapes: str, backend: str) -> dict[str, dict[str, int]]:
@@ -108,16 +98,14 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def build_rows(shapes: str, backend: str, times: dict, mem: dict) -> list[dict]:
-    adam, largest = ADAM[family(backend)], largest_tensor(shapes).size * 4
-    ref = {name: times.get(name, {}).get("seconds") for name in (adam, "sgd", "muon")}
-    adam_state = times.get(adam, {}).get("state_bytes")
+    largest = largest_tensor(shapes).size * 4
+    adam_state = times.get(ADAM[backend], {}).get("state_bytes")
     rows = []
     for optimizer, t in times.items():
         extra = mem.get(optimizer, {}).get("extra_bytes")
         rows.append({
             "shapes": shapes, "backend": backend, "optimizer": optimizer, "ms": t["seconds"] * 1e3,
-            "x_adam": ratio(t["seconds"], ref[adam]), "x_sgd": ratio(t["seconds"], ref["sgd"]),
-            "x_muon": ratio(t["seconds"], ref["muon"]), "state_bytes": t["state_bytes"],
+            "x_adam": t["x_adam"], "x_sgd": t["x_sgd"], "x_muon": t["x_muon"], "state_bytes": t["state_bytes"],
             "state_x_adam": ratio(t["state_bytes"], adam_state), "extra_bytes": extra,
             "extra_x_largest": ratio(extra, largest),
         })
@@ -153,7 +141,7 @@ def target_lines(rows: list[dict]) -> list[str]:
         checks = []
         for fam, ref, limit in TARGETS:
             if fam == family(backend) and (backend, ref) in by_key:
-                value = r["ms"] / by_key[(backend, ref)]["ms"]
+                value = r["x_sgd"] if ref == "sgd" else r["x_adam"]
                 checks.append(f"vs {ref} {value:.2f}x (<= {limit}: {'ok' if value <= limit else 'MISS'})")
         if r["state_x_adam"] is not None:
             ok = r["state_x_adam"] <= STATE_TARGET
@@ -165,21 +153,22 @@ def target_lines(rows: list[dict]) -> list[str]:
     return out
 
 
-def machine() -> dict:
-    info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
-            "machine": platform.machine(), "cpus": os.cpu_count(), "load_average": list(os.getloadavg())}
-    for module in ("numpy", "torch", "jax", "optax"):
-        try:
-            info[module] = __import__(module).__version__
-        except ImportError:
-            pass
-    return info
+def set_threads(threads: int) -> None:
+    """Run torch and OpenMP kernels (Nero's C kernel) on ``threads`` threads; JAX keeps XLA's own pool."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(threads)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds of ~0.05 s blocks instead of 10 of ~0.3 s")
-    parser.add_argument("--rounds", type=int, help="timing rounds (default 10, --quick 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"3 rounds of ~0.05 s blocks instead of {timing.ROUNDS} of ~{timing.BLOCK_SECONDS} s")
+    parser.add_argument("--rounds", type=int, help=f"timing rounds (default {timing.ROUNDS}, --quick 3)")
+    parser.add_argument("--threads", type=int, help="OpenMP and torch threads (default: the libraries' own)")
     parser.add_argument("--shapes", default=",".join(SHAPE_SETS), help="comma-separated shape sets")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated backends")
     parser.add_argument("--out", type=Path, default=HERE / "ratios-out" / "ratios", help="writes OUT.json and OUT.md")
@@ -198,17 +187,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        set_threads(args.threads)
     if args.memory_probe:
         probes = {f"{s}/{b}": measure_memory(s, b) for s in args.shapes for b in args.backends}
         print(json.dumps(probes))
         return 0
-    rounds, block = (3, 0.05) if args.quick else (10, 0.3)
-    rounds = args.rounds or rounds
+    options = {"rounds": 3, "block_seconds": 0.05} if args.quick else {}
+    if args.rounds:
+        options["rounds"] = args.rounds
     rows, skipped = [], {}
     mem = {} if args.no_memory else memory_in_child(args.shapes, args.backends)
     for shapes in args.shapes:
         for backend in args.backends:
-            times, why = measure_times(shapes, backend, rounds, block)
+            times, why = measure_times(shapes, backend, options)
             skipped.update({f"{shapes}/{backend}/{o}": reason for o, reason in why.items()})
             rows += build_rows(shapes, backend, times, mem.get(f"{shapes}/{backend}", {}))
             print(f"measured {shapes} on {backend}: {len(times)} optimizers, {len(why)} skipped", file=sys.stderr)
@@ -219,12 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print("\nTargets (GPT-2-like, CPU):\n" + "\n".join(targets) if targets else "")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(), "quick": args.quick, "shape_sets": counts, "rows": rows, "skipped": skipped,
+    machine = describe()
+    report = {"machine": machine, "quick": args.quick, "shape_sets": counts, "rows": rows, "skipped": skipped,
               "targets": targets}
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     args.out.with_suffix(".md").write_text(
-        f"Measured {report['machine']['date']} ({'quick' if args.quick else 'full'}), load average "
-        f"{report['machine']['load_average']}\n\n{table}\n\n" + "\n".join(targets) + "\n"
+        f"Measured {machine['date']} ({'quick' if args.quick else 'full'}). Machine: {summary(machine)}\n\n"
+        f"{table}\n\n" + "\n".join(targets) + "\n"
     )
     print(f"\nwrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}", file=sys.stderr)
     return 0

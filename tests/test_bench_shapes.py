@@ -12,15 +12,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "asv_bench"))
 
 from benchmarks.shapes import SHAPE_SETS, largest_tensor, parameter_count, shape_set  # noqa: E402
 
-# Independent counts: torchvision's resnet18() has 11,689,512 parameters (62 tensors); the MLP and the GPT-2-like
-# model are counted here by formula.
+# Independent counts: torchvision's resnet18() has 11,689,512 parameters (62 tensors) and resnet50() 25,557,032
+# (161 tensors); the MLPs and the GPT-2-like models are counted here by formula.
 D, L, V, CONTEXT = 512, 8, 8192, 1024
-GPT2 = 12 * L * D * D + V * D + CONTEXT * D + L * (4 * D + 3 * D + D + 4 * D + D) + 2 * D
+
+
+def gpt2_count(d: int, layers: int, vocab: int, context: int) -> int:
+    return 12 * layers * d * d + vocab * d + context * d + layers * (4 * d + 3 * d + d + 4 * d + d) + 2 * d
+
+
+GPT2 = gpt2_count(D, L, V, CONTEXT)
 MLP = 4 * (784 * 784 + 784) + 784 * 10 + 10
 
 
 @pytest.mark.parametrize(
-    ("name", "count", "tensors"), [("mlp", MLP, 10), ("resnet18", 11_689_512, 62), ("gpt2", GPT2, 2 + 12 * L + 2)]
+    ("name", "count", "tensors"),
+    [
+        ("mlp", MLP, 10),
+        ("resnet18", 11_689_512, 62),
+        ("gpt2", GPT2, 2 + 12 * L + 2),
+        ("resnet50", 25_557_032, 161),
+        ("transformer24", gpt2_count(256, 24, 8192, 512), 2 + 12 * 24 + 2),
+        ("toy194", 97 * (8 * 8 + 8), 194),
+        ("single-2048x512", 2048 * 512, 1),
+    ],
 )
 def test_parameter_counts(name: str, count: int, tensors: int) -> None:
     assert parameter_count(name) == count

@@ -1,6 +1,7 @@
 """The asv suite runs: every benchmark's setup and body in this process, then asv itself on a small subset.
 
-Speed is not checked here (CI's machine is shared); the ratios come from ``asv_bench/ratios.py``.
+Speed is not checked here (CI's machine is shared; the regression gate, ``make bench-gate``, checks it). The timing
+code is checked against steps of known duration, and the machine record for the fields every table carries.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +19,8 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "asv_bench"
 sys.path.insert(0, str(BENCH))
 
-from benchmarks import bench_step  # noqa: E402
-from benchmarks.cases import BACKENDS, Unavailable, make_case  # noqa: E402
+from benchmarks import bench_step, machine, timing  # noqa: E402
+from benchmarks.cases import BACKENDS, RATIO_OPTIMIZERS, Unavailable, make_case  # noqa: E402
 from benchmarks.shapes import parameter_count, shape_set  # noqa: E402
 
 # Backends every CI machine has (their libraries are test dependencies): nothing may be skipped on them except
@@ -39,17 +41,21 @@ def _classes() -> list[type]:
             and getattr(c, "backend", "")]
 
 
-def test_every_backend_has_a_time_and_a_memory_class() -> None:
+def test_every_backend_has_a_time_a_ratio_and_a_memory_class() -> None:
     backends = [c.backend for c in _classes()]
-    assert sorted(backends) == sorted(list(BACKENDS) * 2)
+    assert sorted(backends) == sorted(list(BACKENDS) * 3)
     gpu = [c.__name__ for c in _classes() if hasattr(c, "track_peak_cuda_bytes")]
     assert sorted(gpu) == ["CuPyMemory", "JaxGPUMemory", "TorchCUDAMemory"]
+    ratio = {c.backend: c.params[1] for c in _classes() if hasattr(c, "track_x_adam")}
+    assert ratio == {b: list(RATIO_OPTIMIZERS[b]) for b in BACKENDS}
+    assert ratio["torch-cpu"] == ["nero", "nero-fused", "nero-fused-neuron", "star"]
+    assert ratio["jax-cpu"] == ["nero", "star"]
 
 
 def _pair(backend: str) -> tuple[type, type]:
     classes = [c for c in _classes() if c.backend == backend]
     time_class = next(c for c in classes if hasattr(c, "time_step"))
-    return time_class, next(c for c in classes if not hasattr(c, "time_step"))
+    return time_class, next(c for c in classes if hasattr(c, "peakmem_step"))
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -77,6 +83,41 @@ def test_every_benchmark_runs_on_the_mlp(backend: str) -> None:
             value = getattr(measure, method)("mlp", optimizer)
             if method.startswith("track_"):
                 assert isinstance(value, int) and value >= 0, (method, value)
+
+
+def _sleeper(seconds: float):
+    return lambda: time.sleep(seconds)
+
+
+def test_interleaved_ratio_of_steps_of_known_length() -> None:
+    """A 20 ms step against a 10 ms one: ratio 2 (sleeps overshoot a little on a loaded machine, alike for both)."""
+    samples = timing.interleave({"slow": _sleeper(0.02), "fast": _sleeper(0.01)}, rounds=5, block_seconds=0.04)
+    assert [len(s) for s in samples.values()] == [5, 5]
+    assert 1.6 < timing.ratio(samples, "slow", "fast") < 2.4
+    assert 0.019 < timing.seconds(samples, "slow") < 0.03
+
+
+def test_interleave_stops_at_its_budget_after_the_minimum_rounds() -> None:
+    samples = timing.interleave({"step": _sleeper(0.01)}, rounds=50, block_seconds=0.01, budget_seconds=0.0)
+    assert len(samples["step"]) == timing.MIN_ROUNDS
+
+
+def test_ratio_benchmark_on_numpy() -> None:
+    """NumPy's Nero (the core rule) as asv runs it: setup builds three cases, the tracks give positive ratios."""
+    bench = bench_step.NumPyRatio()
+    bench.setup("single-2048x512", "nero")
+    assert set(bench.steps) == {"nero", "adam", "sgd"}
+    samples = timing.interleave(bench.steps, rounds=3, block_seconds=0.02)
+    found = bench_step.ratios("numpy", "nero", samples)
+    assert found["sgd"] > found["adam"] > 0  # SGD is the cheapest step of the three
+
+
+def test_machine_record() -> None:
+    info = machine.describe(bandwidth=False)
+    assert {"cpu", "caches", "cpus", "threads", "memory_gib", "load_average"} <= set(info)
+    assert 0.1e9 < machine.copy_bandwidth(mib=16, repeats=2) < 1e13
+    line = machine.summary({**info, "copy_gb_per_s": 12.5})
+    assert str(info["cpu"]) in line and "copy bandwidth 12.5 GB/s" in line
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -112,7 +153,8 @@ def test_host_peak_sees_a_temporary() -> None:
 
 # One benchmark of each kind on each CPU backend, and a GPU one (a skip without a GPU): about a minute.
 SMOKE = (
-    r"NumPy.*\('mlp', 'nero'\)"
+    r"NumPy(Memory)?\..*\('mlp', 'nero'\)|NumPyRatio\.track_x_sgd\('single-2048x512', 'nero'\)"
+    r"|Machine\.track_copy"
     r"|(TorchCPU|JaxCPU|TorchCUDA)\.time_step\('mlp', 'nero'\)"
     r"|TorchCPUMemory\.track_state_bytes\('mlp', 'nero'\)"
     r"|JaxCPUMemory\.track_step_extra_bytes\('mlp', 'nero'\)"
@@ -139,7 +181,10 @@ def test_asv_quick_run(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "failed" not in run.stdout, run.stdout[-4000:]
     finished = [line for line in run.stdout.splitlines() if line.rstrip().endswith(" ok")]
-    assert len(finished) == 9, run.stdout[-4000:]  # 4 NumPy, 3 time_step, 2 memory benchmarks
+    # NumPy: time_step, 3 memory benchmarks and a ratio; 3 time_step and 2 memory benchmarks
+    assert len(finished) == 10, run.stdout[-4000:]
+    bandwidth = next(ln for ln in run.stdout.splitlines() if "Machine.track_copy_gb_per_s" in ln)
+    assert float(bandwidth.split()[-1]) > 0.1, bandwidth  # GB/s, printed as the benchmark's value
     skips = [line for line in run.stdout.splitlines() if "asv: skipped" in line]
     assert all("CUDA" in line or "is not importable" in line for line in skips), skips
     discovered = json.loads((tmp_path / "results" / "benchmarks.json").read_text())

@@ -14,13 +14,18 @@ Backends and the optimizers measured on each (``BACKENDS``):
   ``nero-core`` is ``nero_core.nero`` called on the tensors, the result copied back in place (the reference the
   adapter should beat); ``adam-fused``/``adam-foreach`` are ``torch.optim.Adam``; ``lamb`` is
   ``pytorch_optimizer.Lamb``; ``muon`` is ``torch.optim.Muon`` on hidden 2-D weights with fused Adam for the rest;
-  ``sgd`` is ``torch.optim.SGD(foreach=True)`` without momentum, the bandwidth floor.
+  ``sgd`` is ``torch.optim.SGD(foreach=True)`` without momentum, the bandwidth floor; ``star`` is
+  ``nero_torch.Star`` with its shipped meta-parameters.
 * ``jax-cpu``, ``jax-gpu`` (every step ``jax.jit``'d, parameters and state donated): ``nero`` is
   ``nero_optax.nero``; ``nero-core`` is ``nero_core.nero`` jitted directly; ``adam``, ``lamb``, ``sgd`` are
   ``optax.adam``, ``optax.lamb``, ``optax.sgd``; ``muon`` is ``optax.contrib.muon`` on hidden 2-D weights with its
-  built-in Adam for the rest. JAX runs the Flax layout ((in, out) kernels), so Nero gets per-tensor neuron axes.
+  built-in Adam for the rest; ``star`` is ``nero_optax.star``. JAX runs the Flax layout ((in, out) kernels), so Nero gets per-tensor neuron axes.
 
 Every step is finished when ``step()`` returns: CUDA is synchronised, JAX is blocked on.
+
+``ADAM`` names each backend's best Adam and ``RATIO_OPTIMIZERS`` the optimizers measured as ratios to it and to
+``sgd``. The suite also measures past commits (``asv_bench/history.py``): an adapter of a version that lacks an
+optimizer or an option (``Star``, ``fused=``, ``skip_nonfinite="neuron"``) makes that case :class:`Unavailable`.
 """
 
 from __future__ import annotations
@@ -35,12 +40,13 @@ import numpy as np
 from . import memory
 from .shapes import Tensor, shape_set
 
-__all__ = ["BACKENDS", "Case", "Unavailable", "make_case", "tree_nbytes"]
+__all__ = ["ADAM", "BACKENDS", "RATIO_OPTIMIZERS", "Case", "Unavailable", "make_case", "tree_nbytes"]
 
 _TORCH = (
     "nero", "nero-fused", "nero-fused-neuron", "nero-core", "adam-fused", "adam-foreach", "lamb", "muon", "sgd",
+    "star",
 )
-_JAX = ("nero", "nero-core", "adam", "lamb", "muon", "sgd")
+_JAX = ("nero", "nero-core", "adam", "lamb", "muon", "sgd", "star")
 _ARRAY_API = ("nero", "adam", "sgd")
 
 BACKENDS: dict[str, tuple[str, ...]] = {
@@ -50,6 +56,14 @@ BACKENDS: dict[str, tuple[str, ...]] = {
     "torch-cuda": _TORCH,
     "jax-gpu": _JAX,
     "cupy": _ARRAY_API,
+}
+
+# The framework's best Adam: torch's fused kernel, jitted optax, the in-place baseline for NumPy and CuPy.
+ADAM = {"numpy": "adam", "torch-cpu": "adam-fused", "jax-cpu": "adam", "torch-cuda": "adam-fused",
+        "jax-gpu": "adam", "cupy": "adam"}
+RATIO_OPTIMIZERS = {
+    backend: tuple(o for o in optimizers if (o.startswith("nero") and o != "nero-core") or o == "star")
+    for backend, optimizers in BACKENDS.items()
 }
 
 # Learning rates only keep values tame over thousands of timed steps; they do not change the work done.
@@ -214,15 +228,26 @@ class _TorchCoreRule:
             p.detach().copy_(n)
 
 
+def _with_options(make: Callable[..., Any], *args: Any, **options: Any) -> Any:
+    """``make(*args, **options)``, or :class:`Unavailable` where this version of the adapter lacks an option."""
+    try:
+        return make(*args, **options)
+    except TypeError as exc:
+        raise Unavailable(f"{make.__module__}.{make.__name__} takes no {sorted(options)} here: {exc}") from None
+
+
 def _torch_optimizers(optimizer: str, params: list[Any], tensors: Sequence[Tensor]) -> list[Any]:
     import torch
 
     if optimizer == "nero":
         return [_require("nero_torch", "Nero")(params, lr=NERO_LR)]
     if optimizer == "nero-fused":
-        return [_require("nero_torch", "Nero")(params, lr=NERO_LR, fused=True)]
+        return [_with_options(_require("nero_torch", "Nero"), params, lr=NERO_LR, fused=True)]
     if optimizer == "nero-fused-neuron":
-        return [_require("nero_torch", "Nero")(params, lr=NERO_LR, fused=True, skip_nonfinite="neuron")]
+        nero = _require("nero_torch", "Nero")
+        return [_with_options(nero, params, lr=NERO_LR, fused=True, skip_nonfinite="neuron")]
+    if optimizer == "star":
+        return [_require("nero_torch", "Star")(params)]
     if optimizer == "nero-core":
         return [_TorchCoreRule(params)]
     if optimizer == "adam-fused":
@@ -235,7 +260,7 @@ def _torch_optimizers(optimizer: str, params: list[Any], tensors: Sequence[Tenso
         hidden = [p for p, t in zip(params, tensors) if t.role == "hidden" and p.ndim == 2]
         rest = [p for p, t in zip(params, tensors) if not (t.role == "hidden" and p.ndim == 2)]
         muon = [_require("torch.optim", "Muon")(hidden, lr=MUON_LR, weight_decay=0.0)] if hidden else []
-        return muon + [torch.optim.Adam(rest, lr=LR, fused=True)]
+        return muon + ([torch.optim.Adam(rest, lr=LR, fused=True)] if rest else [])
     if optimizer == "sgd":
         return [torch.optim.SGD(params, lr=LR, foreach=True)]
     raise ValueError(f"unknown optimizer {optimizer!r} for torch")
@@ -293,6 +318,8 @@ def _optax_transform(optimizer: str, tensors: Sequence[Tensor]) -> Any:
         return contrib.muon(MUON_LR, adam_learning_rate=LR, muon_weight_dimension_numbers=hidden)
     if optimizer == "sgd":
         return optax.sgd(LR)
+    if optimizer == "star":
+        return _require("nero_optax", "star")()
     raise ValueError(f"unknown optimizer {optimizer!r} for jax")
 
 

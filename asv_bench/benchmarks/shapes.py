@@ -16,6 +16,16 @@ Shape sets (parameter counts are checked in tests/test_bench_shapes.py):
 * ``resnet18``: torchvision's ResNet-18 for ImageNet (1000 classes), 11,689,512 parameters;
 * ``gpt2``: a GPT-2-like transformer, d=512, 8 layers, 8 heads, vocab 8192, context 1024, tied head:
   12*L*d^2 + V*d = 29.4M in the matrices, 29,938,688 in all.
+
+Sets that show a per-tensor cost, and a kernel's speed where memory is not the limit:
+
+* ``resnet50``: torchvision's ResNet-50 (1000 classes): 161 tensors, 25,557,032 parameters;
+* ``transformer24``: the GPT-2-like block stack 24 layers deep at d=256 (vocab 8192, context 512): 292 tensors,
+  21,182,976 parameters;
+* ``toy194``: 97 ``Linear(8, 8)`` layers, 97 8x8 weights and 97 biases: 194 tensors, 6,984 parameters, where a
+  step is nothing but per-tensor overhead;
+* ``single-2048x512``: one 2048x512 float32 weight (4 MiB, inside a server CPU's L2 or L3 cache): a kernel's
+  arithmetic, not memory, sets its speed.
 """
 
 from __future__ import annotations
@@ -92,6 +102,23 @@ def resnet18(classes: int = 1000) -> list[Tensor]:
     return tensors + _linear("fc", 512, classes, "output")
 
 
+def resnet50(classes: int = 1000) -> list[Tensor]:
+    """torchvision's ``resnet50``: Bottlenecks [3, 4, 6, 3], widths 64..512 (x4 out), in its parameter order."""
+    tensors = _conv("conv1", 3, 64, 7, "input") + _norm("bn1", 64)
+    fan_in = 64
+    for stage, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), start=1):
+        for block in range(blocks):
+            name = f"layer{stage}.{block}"
+            tensors += _conv(f"{name}.conv1", fan_in, width, 1, "hidden") + _norm(f"{name}.bn1", width)
+            tensors += _conv(f"{name}.conv2", width, width, 3, "hidden") + _norm(f"{name}.bn2", width)
+            tensors += _conv(f"{name}.conv3", width, 4 * width, 1, "hidden") + _norm(f"{name}.bn3", 4 * width)
+            if block == 0:
+                tensors += _conv(f"{name}.downsample.0", fan_in, 4 * width, 1, "hidden")
+                tensors += _norm(f"{name}.downsample.1", 4 * width)
+            fan_in = 4 * width
+    return tensors + _linear("fc", fan_in, classes, "output")
+
+
 def gpt2(d: int = 512, layers: int = 8, vocab: int = 8192, context: int = 1024) -> list[Tensor]:
     """A GPT-2 block stack (pre-norm, 4x MLP, biases) with the output head tied to the token embedding."""
     tensors = _embedding("wte", vocab, d) + _embedding("wpe", context, d)
@@ -106,11 +133,34 @@ def gpt2(d: int = 512, layers: int = 8, vocab: int = 8192, context: int = 1024) 
     return tensors + _norm("ln_f", d)
 
 
-SHAPE_SETS = {"mlp": mlp, "resnet18": resnet18, "gpt2": gpt2}
+def transformer24() -> list[Tensor]:
+    """The GPT-2-like stack, 24 layers deep and 256 wide: many small tensors, as in the deep models people train."""
+    return gpt2(d=256, layers=24, vocab=8192, context=512)
+
+
+def toy194() -> list[Tensor]:
+    """97 ``Linear(8, 8)`` layers: 194 tiny tensors."""
+    return [t for i in range(97) for t in _linear(f"layers.{i}", 8, 8, "hidden")]
+
+
+def single_2048x512() -> list[Tensor]:
+    """One 2048x512 weight (2048 neurons of fan-in 512): 4 MiB in float32."""
+    return _linear("layer", 512, 2048, "hidden", bias=False)
+
+
+SHAPE_SETS = {
+    "mlp": mlp,
+    "resnet18": resnet18,
+    "gpt2": gpt2,
+    "resnet50": resnet50,
+    "transformer24": transformer24,
+    "toy194": toy194,
+    "single-2048x512": single_2048x512,
+}
 
 
 def shape_set(name: str) -> list[Tensor]:
-    """The tensors of a shape set by name (``mlp``, ``resnet18``, ``gpt2``)."""
+    """The tensors of a shape set by name (a key of ``SHAPE_SETS``)."""
     try:
         return SHAPE_SETS[name]()
     except KeyError:
