@@ -128,7 +128,7 @@ def _load(source: Path, compiler: str | None, flags: list[str], libs: list[str],
         _build(source, compiler, flags, libs, path, variable)
     try:
         return ctypes.CDLL(str(path))
-    except OSError as error:  # a truncated file in the cache, a runtime library (libgomp) gone since it was built
+    except OSError as error:  # a runtime library (libgomp) gone since it was built, a file the loader rejects
         raise Unavailable(f"could not load the CPU kernel {path} ({error})",
                           f"Delete {path} to rebuild it, or install the runtime library the error names.") from None
 
