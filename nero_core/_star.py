@@ -13,14 +13,20 @@ Per element of each tensor, with accumulators updated from the gradient ``g`` fi
   ``m_i*rsqrt(full_i+1e-6)``), each divided by ``sqrt(mean over the tensor of its square + 1e-5)``, then 11 time
   features ``tanh(t/tau - 1)``, ``tau in (1, 3, 10, ..., 1e5)``, with ``t`` the number of updates taken before;
 * an MLP ``39 -> 4 -> 4 -> 4`` (ReLU) gives per element the direction ``d``, magnitude ``mu``, nominal magnitude
-  ``nu`` and regularisation ``rho``; the update is ``p <- r*p - s - n`` with
-  ``s = step_mult * d * exp(1e-3*mu) * rsqrt(v+1e-6)``,
-  ``n = nominal_stepsize * exp(1e-3*nu) * mean_i(m_i) * rsqrt(v+1e-6)`` (AdamAggMo) and
-  ``r = 1 - weight_decay * exp(1e-3*rho)``.
+  ``nu`` and regularisation ``rho``. With the nominal (AdamAggMo) direction ``a = mean_i(m_i) * rsqrt(v+1e-6)``,
+  ``|a|_rms`` its root mean square over the tensor and ``e(x) = exp(clip(1e-3*x, -1, 1))``, the update is
+  ``p <- r*p - s - n`` with
+  ``s = step_mult * |a|_rms * tanh(d) * e(mu)`` (the learned step),
+  ``n = nominal_stepsize * e(nu) * a`` (the nominal step) and ``r = 1 - weight_decay * e(rho)``.
 
-With the MLP's output layer at zero the rule is exactly AdamAggMo with decoupled weight decay. The Adafactor details
-the design leaves open (the ``1e-30``, ``1e-9`` guards, which axes are "row" and "column", ties between equal axes
-broken towards the later axis) follow ``learned_optimization``'s ``MLPNomLOpt``.
+The learned step is bounded relative to the nominal one: per element ``|s| <= e * step_mult * |a|_rms``, so per
+tensor ``rms(s) <= e**2 * (step_mult / nominal_stepsize) * rms(n)``, at every step and whatever the gradients'
+scale. (The paper's ``MLPNomLOpt`` takes ``s = step_mult * d * exp(1e-3*mu)``, optionally times ``rsqrt(v+1e-6)``;
+with ``v`` far below ``1e-6``, as for the small gradients of a deep network, that factor is about 1000 and the
+learned step swamps the nominal one: see docs/algorithms/star.md.) With the MLP's output layer at zero the rule is
+exactly AdamAggMo with decoupled weight decay. The Adafactor details the design leaves open (the ``1e-30``, ``1e-9``
+guards, which axes are "row" and "column", ties between equal axes broken towards the later axis) follow
+``learned_optimization``'s ``MLPNomLOpt``.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ RMS_DECAY = 0.999
 ADAFACTOR_DECAYS = (0.9, 0.99, 0.999)
 TIMESCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
 EXP_MULT = 1e-3
+MAX_LOG_SCALE = 1.0  # the learned log-scales 1e-3*(mu, nu, rho) are clipped to [-1, 1]
 NUM_FEATURES = 28 + len(TIMESCALES)
 NUM_OUTPUTS = 4  # direction, magnitude, nominal magnitude, regularisation
 MLP_KEYS = ("w1", "b1", "w2", "b2", "w3", "b3")
@@ -137,88 +144,186 @@ def _column(values: Sequence[float], xp: Any, dtype: Any, ndim: int, like: Any) 
 
 
 def _rsqrt(x: Any, xp: Any) -> Any:
-    return 1 / xp.sqrt(x)
+    return x**-0.5  # one kernel where a backend has rsqrt (torch), instead of a square root and a division
 
 
 def _safe_rsqrt(x: Any, xp: Any) -> Any:
     return 1 / xp.sqrt(xp.maximum(x, xp.full_like(x, 1e-9)))
 
 
-def _adafactor(g: Any, row: Any, col: Any, shape: tuple[int, ...], xp: Any, like: Any) -> tuple[Any, ...]:
-    """New row/column (or full) accumulators and the three per-element factors ``rowfac*colfac`` and features."""
-    ndim = len(shape)
-    decays = _column(ADAFACTOR_DECAYS, xp, g.dtype, ndim, like)
-    g2 = g * g + 1e-30
+def _adafactor_accumulate(g: Any, row: Any, col: Any, xp: Any) -> tuple[Any, Any]:
+    """The Adafactor accumulators after gradient ``g``: row and column means of ``g*g + 1e-30`` (or the full,
+    elementwise, accumulator with ``col`` untouched for ``ndim <= 1``), each at the three decays."""
+    shape = tuple(g.shape)
     axes = factored_axes(shape)
     if axes is None:
-        row = decays * row + (1 - decays) * g2
-        scale = _safe_rsqrt(row + 1e-9, xp)
-        return row, col, scale, row, row, _rsqrt(row + 1e-6, xp)
+        decays = _column(ADAFACTOR_DECAYS, xp, g.dtype, len(shape), g)
+        return decays * row + (1 - decays) * xp.expand_dims(g * g + 1e-30, axis=0), col
+    decays = _column(ADAFACTOR_DECAYS, xp, g.dtype, len(shape) - 1, g)
+
+    def mean_square(axis: int) -> Any:  # mean(g*g + 1e-30) over one axis, without a g*g temporary
+        return xp.linalg.vector_norm(g, axis=axis) ** 2 / shape[axis] + 1e-30
+
     d1, d0 = axes
-    row_decays = xp.reshape(decays, (3,) + (1,) * (ndim - 1))
-    row = row_decays * row + (1 - row_decays) * xp.expand_dims(xp.mean(g2, axis=d0), axis=0)
-    col = row_decays * col + (1 - row_decays) * xp.expand_dims(xp.mean(g2, axis=d1), axis=0)
+    row = decays * row + (1 - decays) * xp.expand_dims(mean_square(d0), axis=0)
+    col = decays * col + (1 - decays) * xp.expand_dims(mean_square(d1), axis=0)
+    return row, col
+
+
+def _adafactor_factors(row: Any, col: Any, shape: tuple[int, ...], xp: Any) -> tuple[Any, ...]:
+    """From the Adafactor accumulators: the factors whose product scales ``g`` (``(rowfac, colfac)``, each
+    broadcasting against ``(3, *shape)``, or one full factor unfactored), the row and column feature channels
+    (broadcasting likewise), and the factors that scale the momenta."""
+    axes = factored_axes(shape)
+    if axes is None:
+        return (_safe_rsqrt(row + 1e-9, xp),), row, row, (_rsqrt(row + 1e-6, xp),)
+    d1, d0 = axes
     d1_in_row = 1 + (d1 - 1 if d1 > d0 else d1)
     row_mean = xp.mean(row, axis=d1_in_row, keepdims=True)
-    row_wide = xp.expand_dims(row, axis=d0 + 1)
-    col_wide = xp.expand_dims(col, axis=d1 + 1)
     rowfac = xp.expand_dims(_safe_rsqrt(row / (row_mean + 1e-9), xp), axis=d0 + 1)
     colfac = xp.expand_dims(_safe_rsqrt(col, xp), axis=d1 + 1)
-    scale = rowfac * colfac
-    return row, col, scale, row_wide, col_wide, scale
+    factors = (rowfac, colfac)
+    return factors, xp.expand_dims(row, axis=d0 + 1), xp.expand_dims(col, axis=d1 + 1), factors
 
 
-def _features(x: Any, g: Any, m: Any, v: Any, scale: Any, row_f: Any, col_f: Any, mom_scale: Any, t: Any,
-              xp: Any) -> Any:
-    """The ``(size, 39)`` MLP inputs: 28 channels normalised over the tensor, then 11 time features."""
-    shape = tuple(x.shape)
-    size = math.prod(shape)
-    full = (3, *shape)
+# Rows of the MLP's first layer, by feature channel (the order of the module docstring's list).
+_ELEMENT_ROWS = (*range(0, 13), 25, 26, 27)  # g, p, m, v, m*rsqrt(v), rsqrt(v), adafactor g, m*rowfac*colfac
+_ROW_ROWS = (*range(13, 16), *range(19, 22))  # the row accumulators and their inverse square roots
+_COL_ROWS = (*range(16, 19), *range(22, 25))  # the same for the columns
+
+
+def _square_sums(arrays: Sequence[tuple[Any, int]], xp: Any) -> Any:
+    """Sums of squares, one per row of each ``(array, rows)`` with the array viewed as ``(rows, -1)``."""
+    return xp.concat([xp.linalg.vector_norm(xp.reshape(a, (rows, -1)), axis=1) for a, rows in arrays]) ** 2
+
+
+def _scaled_rows(w1: Any, rows: tuple[int, ...], mean_squares: Any, xp: Any) -> Any:
+    """``w1``'s rows for these channels, each divided by its channel's root mean square (the normalisation)."""
+    picked = xp.take(w1, xp.asarray(rows, device=device_of(w1)), axis=0)
+    return picked / xp.sqrt(mean_squares + 1e-5)[:, None]
+
+
+def _derived_channels(g: Any, m: Any, v: Any, scale: Sequence[Any], mom_scale: Sequence[Any],
+                      xp: Any) -> tuple[Any, ...]:
+    """The per-element channels computed from the accumulators: ``m*rsqrt(v+1e-6)`` ``(3, ...)``,
+    ``rsqrt(v+1e-6)``, ``g*rowfac*colfac`` and ``m*rowfac*colfac`` ``(3, ...)`` (the products of the factors in
+    ``scale`` and ``mom_scale``); and the nominal (AdamAggMo) direction ``mean_i(m_i) * rsqrt(v + 1e-6)``."""
     rsqrt_v = _rsqrt(v + 1e-6, xp)
-
-    def three(a: Any) -> list[Any]:
-        a = xp.broadcast_to(a, full)
-        return [xp.reshape(a[i, ...], (size,)) for i in range(3)]
-
-    channels = [xp.reshape(g, (size,)), xp.reshape(x, (size,))]
-    channels += three(m) + [xp.reshape(v, (size,))] + three(m * rsqrt_v) + [xp.reshape(rsqrt_v, (size,))]
-    channels += three(g * scale) + three(row_f) + three(col_f)
-    channels += three(_rsqrt(row_f + 1e-8, xp)) + three(_rsqrt(col_f + 1e-8, xp)) + three(m * mom_scale)
-    stacked = xp.stack(channels, axis=1)
-    stacked = stacked / xp.sqrt(xp.mean(stacked * stacked, axis=0, keepdims=True) + 1e-5)
-    taus = xp.asarray(np.asarray(TIMESCALES, dtype=np.float64 if x.dtype == xp.float64 else np.float32),
-                      device=device_of(x))
-    time = xp.tanh(xp.astype(t, x.dtype) / taus - 1)
-    time = xp.broadcast_to(xp.reshape(time, (1, len(TIMESCALES))), (size, len(TIMESCALES)))
-    return xp.concat([stacked, time], axis=1)
+    adam = m * rsqrt_v
+    factor = _product(scale)
+    mom_factor = factor if mom_scale is scale else _product(mom_scale)
+    return adam, rsqrt_v, xp.expand_dims(g, axis=0) * factor, m * mom_factor, xp.mean(adam, axis=0)
 
 
-def _mlp(inputs: Any, w: Mapping[str, Any], xp: Any) -> Any:
-    h = inputs
-    for layer in ("1", "2"):
-        h = xp.matmul(h, w["w" + layer]) + w["b" + layer]
-        h = xp.where(h > 0, h, xp.zeros_like(h))
-    return xp.matmul(h, w["w3"]) + w["b3"]
+def _product(factors: Sequence[Any]) -> Any:
+    out = factors[0]
+    for f in factors[1:]:
+        out = out * f
+    return out
 
 
-def _update_tensor(p, g, t, m, v, row, col, w, *, step_mult, nominal_stepsize, weight_decay, xp):
+def _factored_part(channels: Any, rows: tuple[int, ...], w1: Any, xp: Any) -> Any:
+    """The first layer's share ``(4, *channels.shape[1:])`` from channels that are constant along an axis (rows or
+    columns of the Adafactor accumulators), computed at their own, smaller, shape. A broadcast channel's mean square
+    over the tensor is its mean square over its own elements."""
+    flat = xp.reshape(channels, (channels.shape[0], -1))
+    mean_squares = _square_sums([(flat, flat.shape[0])], xp) / flat.shape[1]
+    part = xp.matmul(xp.matrix_transpose(_scaled_rows(w1, rows, mean_squares, xp)), flat)
+    return xp.reshape(part, (NUM_OUTPUTS, *channels.shape[1:]))
+
+
+def _log_scale(a: Any, xp: Any) -> Any:
+    """``exp(clip(1e-3 * a, -1, 1))``: a learned scale, kept within a factor e either way."""
+    return xp.exp(xp.clip(EXP_MULT * a, min=-MAX_LOG_SCALE, max=MAX_LOG_SCALE))
+
+
+def _block_rows(shape: tuple[int, ...], block_size: int | None) -> list[tuple[int, int]] | None:
+    """Ranges of axis 0 holding about ``block_size`` elements each, or None for the whole tensor at once."""
+    size = math.prod(shape)
+    if block_size is None or not shape or size <= block_size:
+        return None
+    rows = max(1, block_size // (size // shape[0]))
+    return [(i, min(i + rows, shape[0])) for i in range(0, shape[0], rows)]
+
+
+def _rows_of(a: Any, lead: int, block: tuple[int, int] | None) -> Any:
+    """Axis ``lead`` of ``a`` (the tensor's axis 0 after ``lead`` leading axes) cut to ``block``; an axis of
+    length 1 (broadcast) is kept whole."""
+    if block is None or a.shape[lead] == 1:
+        return a
+    index = (slice(None),) * lead + (slice(*block), ...)
+    return a[index]
+
+
+def _moments(g: Any, m: Any, v: Any, xp: Any) -> tuple[Any, Any]:
+    """The momenta ``(3, *shape)`` and the second moment after gradient ``g``."""
+    decays = _column(MOMENTUM_DECAYS, xp, v.dtype, g.ndim, v)
+    return decays * m + (1 - decays) * xp.expand_dims(g, axis=0), RMS_DECAY * v + (1 - RMS_DECAY) * (g * g)
+
+
+def _update_tensor(p, g, t, m, v, row, col, w, *, step_mult, nominal_stepsize, weight_decay, block_size, xp):
+    """One tensor's update: the new parameter (in the compute dtype) and accumulators."""
+    grad = xp.astype(g, v.dtype, copy=False)
+    m, v = _moments(grad, m, v, xp)
+    row, col = _adafactor_accumulate(grad, row, col, xp)
+    x = _step(p, grad, t, m, v, row, col, w, step_mult=step_mult, nominal_stepsize=nominal_stepsize,
+              weight_decay=weight_decay, block_size=block_size, xp=xp)
+    return x, m, v, row, col
+
+
+def _step(p, grad, t, m, v, row, col, w, *, step_mult, nominal_stepsize, weight_decay, block_size, xp):
+    """The new parameter from the accumulators already updated with ``grad`` (in ``v``'s dtype)."""
     dtype = v.dtype
     shape = tuple(p.shape)
     x = xp.astype(p, dtype, copy=False)
-    grad = xp.astype(g, dtype, copy=False)
-    decays = _column(MOMENTUM_DECAYS, xp, dtype, len(shape), v)
-    m = decays * m + (1 - decays) * xp.expand_dims(grad, axis=0)
-    v = RMS_DECAY * v + (1 - RMS_DECAY) * (grad * grad)
-    row, col, scale, row_f, col_f, mom_scale = _adafactor(grad, row, col, shape, xp, v)
-    out = _mlp(_features(x, grad, m, v, scale, row_f, col_f, mom_scale, t, xp), w, xp)
-    direction, magnitude, nominal, regular = (xp.reshape(out[:, i], shape) for i in range(NUM_OUTPUTS))
-    rsqrt_v = _rsqrt(v + 1e-6, xp)
-    step = step_mult * direction * xp.exp(EXP_MULT * magnitude) * rsqrt_v
-    aggmo = (m[0, ...] + m[1, ...] + m[2, ...]) / 3
-    nominal_step = nominal_stepsize * xp.exp(EXP_MULT * nominal) * aggmo * rsqrt_v
-    keep = 1 - weight_decay * xp.exp(EXP_MULT * regular)
-    return keep * x - step - nominal_step, m, v, row, col
+    scale, row_f, col_f, mom_scale = _adafactor_factors(row, col, shape, xp)
+    blocks = _block_rows(shape, block_size) or [None]
+    size = math.prod(shape)
 
+    def derived(block):
+        factors = [_rows_of(f, 1, block) for f in scale]
+        mom_factors = factors if mom_scale is scale else [_rows_of(f, 1, block) for f in mom_scale]
+        return _derived_channels(_rows_of(grad, 0, block), _rows_of(m, 1, block), _rows_of(v, 0, block), factors,
+                                 mom_factors, xp)
+
+    # First pass: the mean squares of the 16 per-element channels and of the nominal direction, over the tensor.
+    stored = _square_sums([(grad, 1), (x, 1), (m, 3), (v, 1)], xp)
+    computed = None
+    for block in blocks:
+        adam, rsqrt_v, g_scaled, m_scaled, direction = derived(block)
+        part = _square_sums([(adam, 3), (rsqrt_v, 1), (g_scaled, 3), (m_scaled, 3), (direction, 1)], xp)
+        computed = part if computed is None else computed + part
+    mean_squares = xp.concat([stored, computed]) / size
+    nominal_rms = xp.sqrt(mean_squares[16])
+    w1_element = xp.matrix_transpose(_scaled_rows(w["w1"], _ELEMENT_ROWS, mean_squares[:16], xp))
+    taus = xp.asarray(np.asarray(TIMESCALES, dtype=np.float64 if dtype == xp.float64 else np.float32),
+                      device=device_of(v))
+    bias = w["b1"] + xp.matmul(xp.tanh(xp.astype(t, dtype) / taus - 1), w["w1"][28:, ...])
+    row_part = _factored_part(xp.concat([row_f, _rsqrt(row_f + 1e-8, xp)], axis=0), _ROW_ROWS, w["w1"], xp)
+    row_part = row_part + xp.reshape(bias, (NUM_OUTPUTS,) + (1,) * len(shape))
+    col_part = _factored_part(xp.concat([col_f, _rsqrt(col_f + 1e-8, xp)], axis=0), _COL_ROWS, w["w1"], xp)
+
+    # Second pass: the MLP and the update, block by block.
+    new = []
+    for block in blocks:
+        xb, gb, vb, mb = _rows_of(x, 0, block), _rows_of(grad, 0, block), _rows_of(v, 0, block), _rows_of(m, 1, block)
+        adam, rsqrt_v, g_scaled, m_scaled, direction = derived(block)
+        n = math.prod(tuple(xb.shape))
+        element = xp.concat([xp.reshape(c, (-1, n)) for c in (gb, xb, mb, vb, adam, rsqrt_v, g_scaled, m_scaled)],
+                            axis=0)
+        hidden = xp.reshape(xp.matmul(w1_element, element), (NUM_OUTPUTS, *xb.shape))
+        hidden = hidden + _rows_of(row_part, 1, block) + _rows_of(col_part, 1, block)
+        hidden = xp.clip(xp.reshape(hidden, (NUM_OUTPUTS, -1)), min=0.0)
+        hidden = xp.clip(xp.matmul(xp.matrix_transpose(w["w2"]), hidden) + w["b2"][:, None], min=0.0)
+        out = xp.matmul(xp.matrix_transpose(w["w3"]), hidden) + w["b3"][:, None]
+        d, mu, nu, rho = (xp.reshape(out[i, ...], direction.shape) for i in range(NUM_OUTPUTS))
+        learned = step_mult * nominal_rms * xp.tanh(d) * _log_scale(mu, xp)
+        nominal = nominal_stepsize * _log_scale(nu, xp) * direction
+        if isinstance(weight_decay, (int, float)) and weight_decay == 0:  # a Python 0: no regularisation to compute
+            new.append(xb - learned - nominal)
+        else:
+            new.append((1 - weight_decay * _log_scale(rho, xp)) * xb - learned - nominal)
+    return new[0] if len(new) == 1 else xp.concat(new, axis=0)
 
 
 def _all_finite(grads: Sequence[Any], xp: Any) -> Any:
@@ -245,6 +350,7 @@ def star(
     nominal_stepsize: Any = 1e-3,
     weight_decay: Any = 0.0,
     skip_nonfinite: bool = True,
+    block_size: int | None = None,
 ) -> Optimizer:
     """STAR: a small per-element MLP on 39 gradient features, stabilised by an AdamAggMo nominal term.
 
@@ -257,6 +363,9 @@ def star(
         weight_decay: decoupled weight decay, modulated per element by ``exp(1e-3*rho)``.
         skip_nonfinite: when any gradient holds NaN or Inf, leave parameters and state as they were and count the
             step in ``state.skipped``.
+        block_size: run the per-element MLP over blocks of about this many elements (whole slices of axis 0), so
+            that its temporaries (about 40 numbers per element) stay small and in cache; the result is the same.
+            For eager backends (torch, NumPy); None (the default) takes each tensor whole, which suits ``jax.jit``.
 
     Returns:
         An :class:`Optimizer` pair ``(init, update)``.
@@ -267,6 +376,8 @@ def star(
     check_hyperparameter("step_mult", step_mult, low=0.0, high=math.inf, high_open=False)
     check_hyperparameter("nominal_stepsize", nominal_stepsize, low=0.0, high=math.inf, high_open=False)
     check_hyperparameter("weight_decay", weight_decay, low=0.0, high=1.0, high_open=True)
+    if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1):
+        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
 
     def init(params: Sequence[Any], *, xp: Any = None) -> StarState:
         params = list(params)
@@ -301,7 +412,8 @@ def star(
                     weights[v.dtype] = _meta_arrays(meta_params, xp, v.dtype, v)
                 x, m, v, row, col = _update_tensor(
                     p, g, state.count, m, v, row, col, weights[v.dtype], step_mult=step_mult,
-                    nominal_stepsize=nominal_stepsize, weight_decay=weight_decay, xp=xp,
+                    nominal_stepsize=nominal_stepsize, weight_decay=weight_decay,
+                    block_size=block_size, xp=xp,
                 )
             new_params.append(xp.astype(x, p.dtype, copy=False))
             new_m.append(m)

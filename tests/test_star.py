@@ -116,10 +116,11 @@ class ReferenceStar:
             self.v[i] = 0.999 * self.v[i] + 0.001 * g * g
             heads = self.mlp(self.features(i, p, g))
             d, mu, nu, rho = (heads[:, j].reshape(p.shape) for j in range(4))
-            rs = 1 / np.sqrt(self.v[i] + 1e-6)
-            s = self.step_mult * d * np.exp(1e-3 * mu) * rs
-            n = self.nominal * np.exp(1e-3 * nu) * self.m[i].mean(axis=0) * rs
-            r = 1 - self.wd * np.exp(1e-3 * rho)
+            direction = self.m[i].mean(axis=0) / np.sqrt(self.v[i] + 1e-6)  # AdamAggMo's, per element
+            scale = lambda a: np.exp(np.clip(1e-3 * a, -1.0, 1.0))  # noqa: E731
+            s = self.step_mult * np.sqrt(np.mean(direction**2)) * np.tanh(d) * scale(mu)
+            n = self.nominal * scale(nu) * direction
+            r = 1 - self.wd * scale(rho)
             out.append(r * p - s - n)
         self.t += 1
         return out
@@ -236,6 +237,43 @@ def test_zero_step_mult_is_adam_aggmo(backend):
     params, grads = make_problem(4)
     history, _ = run_backend(backend, params, grads, meta, step_mult=0.0, nominal_stepsize=0.01)
     assert max_deviation(history, adam_aggmo(params, grads, 0.01, 0.0)) <= 1e-14
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 64])
+def test_blocks_match_the_transcription(backend, block_size):
+    """Blocks of axis 0 (one row, a few rows, rows that do not divide the axis) give the whole tensor's numbers."""
+    if backend.name.startswith("jax"):
+        pytest.skip("blocks are for eager backends; under jit each tensor runs whole")
+    params, grads = make_problem(1)
+    meta = random_meta(0)
+    opt = star(meta, block_size=block_size, **OPTIONS)
+    ps = [backend.asarray(p) for p in params]
+    state = opt.init(ps)
+    history = []
+    for gs in grads:
+        ps, state = opt.update([backend.asarray(g) for g in gs], state, ps)
+        history.append([backend.to_numpy(p) for p in ps])
+    assert max_deviation(history, run_reference(params, grads, meta, **OPTIONS)) <= 1e-11
+
+
+def test_learned_step_is_bounded_by_the_nominal_one():
+    """Per tensor, rms(learned step) <= e**2 * step_mult / nominal_stepsize * rms(nominal step), whatever the MLP
+    says and however small the gradients (where rsqrt(v + 1e-6) is about 1000 and an unbounded learned term swamps
+    the nominal one)."""
+    meta = random_meta(4)
+    meta["w3"] = meta["w3"] * 1e4  # outputs in the thousands: tanh saturates, the log-scales reach their clip
+    params, grads = make_problem(6)
+    grads = [[g * 1e-5 for g in gs] for gs in grads]
+    full, nominal_only = star(meta), star(meta, step_mult=0.0)
+    state = full.init(params)
+    for gs in grads:
+        with_learned, next_state = full.update(gs, state, params)
+        without, _ = nominal_only.update(gs, state, params)
+        for p, a, b in zip(params, with_learned, without):
+            if p.size:
+                learned, nominal = np.sqrt(np.mean((b - a) ** 2)), np.sqrt(np.mean((p - b) ** 2))
+                assert learned <= math.e**2 * nominal * (1 + 1e-9)
+        params, state = with_learned, next_state
 
 
 def test_state_shapes():

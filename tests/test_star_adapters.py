@@ -80,9 +80,14 @@ def test_optax_wrapper_inits_from_shapes():
     assert state.m[0].shape == (3, 3, 2)
 
 
-def test_torch_wrapper_matches_core():
+@pytest.mark.parametrize("block_size", [None, 5])
+def test_torch_wrapper_matches_core(block_size, monkeypatch):
     torch = pytest.importorskip("torch")
+    import nero_torch.star
     from nero_torch.star import Star
+
+    if block_size is not None:  # blocks of a few elements: every tensor runs over several
+        monkeypatch.setattr(nero_torch.star, "BLOCK_SIZE", block_size)
 
     params, grads = problem()
     order = list(SHAPES)
@@ -101,6 +106,27 @@ def test_torch_wrapper_matches_core():
     clone = Star([torch.nn.Parameter(t.detach().clone()) for t in tensors.values()], meta_params(), **OPTIONS)
     clone.load_state_dict(opt.state_dict())
     assert int(clone.state[clone.param_groups[0]["params"][0]]["step"]) == STEPS
+
+
+def test_torch_wrapper_skips_a_nonfinite_step():
+    torch = pytest.importorskip("torch")
+    from nero_torch.star import Star
+
+    params, grads = problem()
+    tensors = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in params.values()]
+    opt = Star(tensors, meta_params(), **OPTIONS)
+    for t, g in zip(tensors, grads[0].values()):
+        t.grad = torch.from_numpy(g.copy())
+    opt.step()
+    before = [t.detach().clone() for t in tensors]
+    state_before = {k: opt.state[tensors[0]][k].clone() for k in ("m", "v", "fac_row", "fac_col")}
+    tensors[1].grad[0] = float("nan")
+    opt.step()
+    for t, b in zip(tensors, before):
+        torch.testing.assert_close(t.detach(), b, rtol=0, atol=0)
+    for k, v in state_before.items():
+        torch.testing.assert_close(opt.state[tensors[0]][k], v, rtol=0, atol=0)
+    assert int(opt.state[tensors[0]]["step"]) == 1 and int(opt.state[tensors[0]]["skipped"]) == 1
 
 
 def test_torch_wrapper_trains_a_linear_model():

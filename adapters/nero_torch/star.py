@@ -1,4 +1,4 @@
-"""STAR as a ``torch.optim.Optimizer`` that calls the array-API core rule on each parameter group."""
+"""STAR as a ``torch.optim.Optimizer``: the accumulators updated in place, then the core rule's step per tensor."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from nero_core._star import StarState, load_star_params
+import array_api_compat.torch as xp
+from nero_core._base import check_gradients
+from nero_core._star import MOMENTUM_DECAYS, RMS_DECAY, _adafactor_accumulate, _meta_arrays, _step, load_star_params
 from nero_core._star import star as star_rule
 
 __all__ = ["Star"]
+
+BLOCK_SIZE = 1 << 14  # elements per block of the per-element MLP: temporaries stay small (nero_core.star)
 
 
 class Star(torch.optim.Optimizer):
@@ -22,13 +26,17 @@ class Star(torch.optim.Optimizer):
     :math:`\mu, \nu, \rho`; then
 
     .. math::
-        p \leftarrow (1 - \lambda e^{10^{-3}\rho})\,p
-            - \alpha\, d\, e^{10^{-3}\mu} / \sqrt{v + 10^{-6}}
-            - \eta\, e^{10^{-3}\nu}\, \bar m / \sqrt{v + 10^{-6}}
+        p \leftarrow (1 - \lambda e(\rho))\,p
+            - \alpha\, \|a\|_{\mathrm{rms}} \tanh(d)\, e(\mu)
+            - \eta\, e(\nu)\, a,
 
-    with :math:`\alpha` = ``step_mult``, :math:`\eta` = ``nominal_stepsize`` (the AdamAggMo nominal term, :math:`\bar m`
-    the mean of the three momenta) and :math:`\lambda` = ``weight_decay``. The maths is :func:`nero_core.star`; this
-    class only gathers parameters and gradients and writes the result back in place.
+    where :math:`a = \bar m / \sqrt{v + 10^{-6}}`, :math:`e(x) = \exp(\mathrm{clip}(10^{-3}x, -1, 1))`,
+    :math:`\alpha` = ``step_mult``, :math:`\eta` = ``nominal_stepsize`` (the AdamAggMo nominal term, :math:`\bar m`
+    the mean of the three momenta, :math:`\|a\|_{\mathrm{rms}}` the root mean square of :math:`a` over the tensor) and
+    :math:`\lambda` = ``weight_decay``: the learned step is at most :math:`e^2 \alpha / \eta` times the nominal one (per
+    tensor, in root mean square). The maths is :func:`nero_core.star`; this class updates the accumulators in place
+    with torch's multi-tensor kernels, then runs the core rule's step on each tensor in blocks of ``BLOCK_SIZE``
+    elements and writes the result back in place.
 
     Args:
         params: parameters or parameter groups.
@@ -57,9 +65,17 @@ class Star(torch.optim.Optimizer):
                         skip_nonfinite=skip_nonfinite)
         super().__init__(params, defaults)
 
-    def _rule(self, group: dict[str, Any]):
-        return star_rule(self._meta, step_mult=group["step_mult"], nominal_stepsize=group["nominal_stepsize"],
-                         weight_decay=group["weight_decay"], skip_nonfinite=group["skip_nonfinite"])
+    def _weights(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        cache = self.__dict__.setdefault("_weights_by", {})  # per (dtype, device); not part of the state_dict
+        key = (like.dtype, like.device)
+        if key not in cache:
+            cache[key] = _meta_arrays(self._meta, xp, like.dtype, like)
+        return cache[key]
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        init = star_rule(self._meta).init([p.detach()])
+        self.state[p].update(step=init.count, skipped=init.skipped, m=init.m[0], v=init.v[0],
+                             fac_row=init.fac_row[0], fac_col=init.fac_col[0])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -73,21 +89,39 @@ class Star(torch.optim.Optimizer):
                 continue
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("Star does not support sparse gradients")
-            rule = self._rule(group)
-            fresh = [p for p in params if not self.state[p]]
-            if fresh:
-                init = rule.init([p.detach() for p in fresh])
-                for i, p in enumerate(fresh):
-                    self.state[p].update(step=init.count.clone(), skipped=init.skipped.clone(), m=init.m[i],
-                                         v=init.v[i], fac_row=init.fac_row[i], fac_col=init.fac_col[i])
+            check_gradients(xp, [p.grad for p in params], [p.detach() for p in params])
+            for p in params:
+                if not self.state[p]:
+                    self._init_state(p, group)
             states = [self.state[p] for p in params]
-            state = StarState(
-                states[0]["step"], tuple(s["m"] for s in states), tuple(s["v"] for s in states),
-                tuple(s["fac_row"] for s in states), tuple(s["fac_col"] for s in states), states[0]["skipped"],
-            )
-            new_params, state = rule.update([p.grad for p in params], state, [p.detach() for p in params])
-            for i, (p, s) in enumerate(zip(params, states)):
-                p.copy_(new_params[i])
-                s.update(step=state.count, skipped=state.skipped, m=state.m[i], v=state.v[i],
-                         fac_row=state.fac_row[i], fac_col=state.fac_col[i])
+            count, skipped = states[0]["step"], states[0]["skipped"]
+            if group["skip_nonfinite"] and not bool(torch.stack([p.grad.isfinite().all() for p in params]).all()):
+                for s in states:  # a host sync, as Nero's: the step is skipped whole
+                    s["step"], s["skipped"] = count, skipped + 1
+                continue
+            grads = [p.grad.to(s["v"].dtype) for p, s in zip(params, states)]
+            _accumulate_in_place(grads, states)
+            for p, g, s in zip(params, grads, states):
+                if p.numel() == 0:
+                    continue
+                new = _step(p.detach(), g, count, s["m"], s["v"], s["fac_row"], s["fac_col"], self._weights(s["v"]),
+                            step_mult=group["step_mult"], nominal_stepsize=group["nominal_stepsize"],
+                            weight_decay=group["weight_decay"], block_size=BLOCK_SIZE, xp=xp)
+                p.copy_(new)
+            for s in states:
+                s["step"], s["skipped"] = count + 1, skipped
         return loss
+
+
+def _accumulate_in_place(grads: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
+    """The core's accumulator update (``nero_core._star._moments``, ``_adafactor_accumulate``) written into the
+    state tensors in place with torch's multi-tensor kernels, instead of new tensors every step: the momenta
+    ``m_i += (1 - b_i) * (g - m_i)``, ``v = 0.999 * v + 0.001 * g * g``, and the Adafactor rows and columns."""
+    for i, decay in enumerate(MOMENTUM_DECAYS):
+        torch._foreach_lerp_([s["m"][i] for s in states], grads, 1 - decay)
+    vs = [s["v"] for s in states]
+    torch._foreach_mul_(vs, RMS_DECAY)
+    torch._foreach_addcmul_(vs, grads, grads, value=1 - RMS_DECAY)
+    for g, s in zip(grads, states):
+        if g.numel():
+            s["fac_row"], s["fac_col"] = _adafactor_accumulate(g, s["fac_row"], s["fac_col"], xp)
