@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -32,13 +33,35 @@ def namespace_of(*arrays: Any, xp: Any = None) -> Any:
     """The array-API namespace of ``arrays`` (or ``xp`` when given), with a clear error otherwise."""
     if xp is not None:
         return xp
+    torch_xp = _torch_namespace(arrays)
+    if torch_xp is not None:
+        return torch_xp
     found = [a for a in arrays if is_array_api_obj(a)]
     if not found:
+        if any(isinstance(a, str) for a in arrays):
+            raise TypeError(_NOT_A_SEQUENCE)
         raise TypeError(
             "cannot infer the array namespace: the inputs are not arrays (shape-only structs such as "
             "jax.ShapeDtypeStruct carry no namespace); pass xp=<namespace> explicitly"
         )
     return array_namespace(*found)
+
+
+_NOT_A_SEQUENCE = (
+    "params must be a sequence of arrays (a list or tuple), but its items are strings: a dict's keys? Pass "
+    "list(params.values()), or use nero_optax for a pytree of parameters"
+)
+
+
+def _torch_namespace(arrays: Sequence[Any]) -> Any:
+    """array_api_compat's torch namespace where every input is a torch tensor, or None. Found without
+    ``array_namespace``, whose cached helpers ``torch.compile`` would trace, with a warning for each."""
+    torch = sys.modules.get("torch")
+    if torch is None or not arrays or not all(isinstance(a, torch.Tensor) for a in arrays):
+        return None
+    from array_api_compat import torch as xp
+
+    return xp
 
 
 def _is_real_floating(xp: Any, dtype: Any) -> bool:
@@ -50,7 +73,10 @@ def _is_real_floating(xp: Any, dtype: Any) -> bool:
 def check_params(xp: Any, params: Sequence[Any], what: str = "params") -> None:
     """Every parameter must be a real floating-point array."""
     for i, p in enumerate(params):
-        dtype = p.dtype
+        dtype = getattr(p, "dtype", None)
+        if dtype is None:
+            raise TypeError(_NOT_A_SEQUENCE if isinstance(p, str) else f"{what}[{i}] is a {type(p).__name__}, "
+                            f"not an array: {what} must be a sequence of arrays")
         if _is_real_floating(xp, dtype):
             continue
         if xp.isdtype(dtype, "complex floating"):

@@ -17,7 +17,10 @@ import optax
 
 import nero_core
 
-__all__ = ["NeuronAxisTree", "check_floating", "check_shapes", "flax_neuron_axis", "leaf_neuron_axes"]
+__all__ = [
+    "NeuronAxisTree", "check_floating", "check_shapes", "flax_neuron_axis", "flax_rule", "leaf_name", "leaf_neuron_axes",
+    "leaf_settings",
+]
 
 NeuronAxisTree = Union[int, None, Any, Callable[[tuple[Any, ...], Any], Union[int, None]]]
 
@@ -89,27 +92,56 @@ def _checked(axis: Any, path: tuple[Any, ...], shape: tuple[int, ...]) -> int | 
     return int(axis)
 
 
-def leaf_neuron_axes(neuron_axis: NeuronAxisTree, params: Any) -> tuple[int | None, ...]:
-    """The resolved neuron axis of every leaf of ``params`` (None for bias-like leaves), in leaf order.
+def leaf_settings(neuron_axis: NeuronAxisTree, params: Any) -> list[tuple[tuple[Any, ...], Any, int | None]]:
+    """``(path, leaf, axis)`` for every leaf of ``params``, in leaf order: the axis ``neuron_axis`` gives it,
+    checked but not yet resolved by the core's rule (a fan-in 1 leaf may still be bias-like).
 
     Leaves that ``optax.masked`` or ``optax.partition`` left out (``MaskedNode``) still line up with a
     ``neuron_axis`` tree given for the whole model, and are dropped from the result.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)
-    paths = [path for path, _ in flat]
-    given = _per_leaf(neuron_axis, paths, [leaf for _, leaf in flat], treedef)
-    kept = [(path, leaf, axis) for (path, leaf), axis in zip(flat, given) if not _is_masked(leaf)]
-    paths, leaves, given = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
-    shapes = [tuple(leaf.shape) for leaf in leaves]
-    checked = [_checked(a, path, shape) for a, path, shape in zip(given, paths, shapes)]
-    return nero_core.neuron_axes(shapes, checked)
+    given = _per_leaf(neuron_axis, [path for path, _ in flat], [leaf for _, leaf in flat], treedef)
+    return [
+        (path, leaf, _checked(axis, path, tuple(leaf.shape)))
+        for (path, leaf), axis in zip(flat, given) if not _is_masked(leaf)
+    ]
+
+
+def leaf_neuron_axes(neuron_axis: NeuronAxisTree, params: Any) -> tuple[int | None, ...]:
+    """The resolved neuron axis of every leaf of ``params`` (None for bias-like leaves), in leaf order."""
+    settings = leaf_settings(neuron_axis, params)
+    return nero_core.neuron_axes([tuple(leaf.shape) for _, leaf, _ in settings], [a for _, _, a in settings])
+
+
+def leaf_name(path: tuple[Any, ...]) -> str:
+    """A leaf's own name, the last key of its path, past the ``.value`` that ends a Flax NNX ``Variable``'s path
+    (``['attn']['query']['bias'].value`` is ``bias``)."""
+    keys = list(path)
+    if len(keys) > 1 and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name in ("value", "raw_value"):
+        keys.pop()
+    if not keys:
+        return ""
+    key = keys[-1]
+    return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+
+def flax_rule(path: tuple[Any, ...], leaf: Any) -> tuple[int | None, str]:
+    """:func:`flax_neuron_axis` with the reason for its choice."""
+    name = leaf_name(path)
+    if name == "embedding":
+        return 0, "Flax rule: an Embed table (vocab, features), one neuron per row"
+    if name == "bias":
+        return None, "Flax rule: a bias, bias-like whatever its shape"
+    return -1, "Flax rule: a kernel (..., in, out)"
 
 
 def flax_neuron_axis(path: tuple[Any, ...], leaf: Any) -> int | None:
-    """Neuron axis for Flax (Linen or NNX) models: 0 for ``embedding`` tables ``(vocab, features)``, else -1.
+    """Neuron axis for Flax (Linen or NNX) models: 0 for ``embedding`` tables ``(vocab, features)``, None
+    (bias-like) for every ``bias``, else -1.
 
     Flax kernels are ``(in, out)`` and ``(kh, kw, in, out)``, so their neurons are the last axis; an
-    embedding table holds one vector per token along its first axis. Pass it as ``neuron_axis``.
+    embedding table holds one vector per token along its first axis. Biases are bias-like whatever their shape:
+    an attention layer's are ``(heads, head_dim)``. Leaves are named by the last key of their path, past the
+    ``.value`` of NNX variables, so the rule is the same for Linen and NNX. Pass it as ``neuron_axis``.
     """
-    names = {getattr(key, "key", getattr(key, "name", None)) for key in path}
-    return 0 if "embedding" in names else -1
+    return flax_rule(path, leaf)[0]

@@ -13,7 +13,9 @@ import nero_core
 from nero_core._base import check_hyperparameter
 
 from ._axes import NeuronAxisTree, check_floating, check_shapes, leaf_neuron_axes
+from ._describe import warn_suspicious
 from ._fused import neuron_steps
+from ._order import check_balanced_after_first_update
 from ._schedule import check_scheduled, value_at
 
 __all__ = ["NeroState", "nero"]
@@ -128,6 +130,7 @@ def nero(
         paths, leaves = _paths_and_leaves(params)
         check_floating(paths, leaves)
         axes = leaf_neuron_axes(neuron_axis, params)
+        warn_suspicious(params, neuron_axis, constrained=centre or normalise)
         shapes = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
         core = nero_core.nero(**options, neuron_axis=axes).init(shapes, xp=jnp)  # reads no rate
         shardings = [_sharding(leaf) for leaf in leaves]
@@ -167,6 +170,8 @@ def nero(
             paths, vs, [_state_shape(p.shape, a) for p, a in zip(ps, axes)], "state.v",
             "for these params: init the state with them, or load a checkpoint with nero_optax.restore_state",
         )
+        names = [jax.tree_util.keystr(path) or "<root>" for path in paths]
+        check_balanced_after_first_update(ps, axes, state.count, names, centre=centre, normalise=normalise)
         step = _fused_step if fused else _core_step
         lr = value_at(learning_rate, state.count)
         new_ps, count, vs, sigmas, skipped = step(

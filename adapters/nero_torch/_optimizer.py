@@ -13,9 +13,11 @@ from nero_core._nero import skip_mode
 from nero_core._neurons import neuron_axis_of
 
 from . import _dtensor, _native
+from ._describe import warn_suspicious
 from ._functional import (
     StepSizes, TensorSpec, _per_row, apply_step, compute_dtype, reference_update, squared_norms, step_sizes,
 )
+from ._groups import named_like
 
 __all__ = ["Nero"]
 
@@ -114,17 +116,21 @@ class Nero(torch.optim.Optimizer):
     # ---- construction-time checks -------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        """Add a group (as torch's optimizers do); one from :func:`nero_torch.param_groups` fits an optimizer
+        built on plain parameters too (its names are then dropped). Warns about roles that look like mistakes."""
+        super().add_param_group(named_like(self.param_groups, param_group))
+        torch.compiler.assume_constant_result(neuron_axis_of)  # here, not at import: see _neuron_axis
         group = self.param_groups[-1]
+        offset = sum(len(g["params"]) for g in self.param_groups[:-1])
         try:
             _check_hyperparameters(group)
-            offset = sum(len(g["params"]) for g in self.param_groups[:-1])
             for i, p in enumerate(group["params"]):
                 _check_param(p, group, _name(group, i, p, offset + i))
                 _dtensor.check_param(p, _spec(p, group), _name(group, i, p, offset + i))
         except Exception:
             self.param_groups.pop()
             raise
+        warn_suspicious(group, offset)
 
     # ---- state --------------------------------------------------------------------------------------------
 
@@ -421,8 +427,10 @@ def _spec(p: Tensor, group: dict[str, Any]) -> TensorSpec:
     return TensorSpec(_neuron_axis(tuple(p.shape), group["neuron_axis"]), group["centre"], group["normalise"])
 
 
-# The core's rule for which tensors have neurons; static under torch.compile (shapes and options are).
-_neuron_axis = torch.compiler.assume_constant_result(neuron_axis_of)
+# The core's rule for which tensors have neurons; static under torch.compile (shapes and options are), marked so
+# by add_param_group: marking imports torch._dynamo (seconds), which torch.optim.Optimizer's add_param_group
+# imports anyway, so `import nero_torch` stays as cheap as `import torch`.
+_neuron_axis = neuron_axis_of
 
 
 def _name(group: dict[str, Any], i: int, p: Tensor, index: int) -> str:

@@ -32,10 +32,13 @@ class AGD(torch.optim.Optimizer):
     device). ``eta``, the step count and the count of skipped (non-finite) steps are kept in the state of the first
     parameter, so they travel with ``state_dict()``.
 
+    The gain is the group's ``lr`` entry, the one torch's learning-rate schedulers set, so a scheduler scales it
+    (``StepLR``, ``CosineAnnealingLR``, ``LambdaLR``; ``OneCycleLR`` with ``cycle_momentum=False``).
+
     Args:
         params: the model's parameters in forward order (``model.parameters()``, or a list); one group only,
             because ``eta`` couples every layer.
-        gain: multiplies every step (1: the paper's AGD).
+        gain: multiplies every step (1: the paper's AGD); kept as the group's ``lr``.
         layout: the weights' ``(out, in)`` axes, as in :func:`nero_core.agd` (``"torch"``; give ``(1, 0)`` for a
             ``ConvTranspose`` weight in a per-parameter list).
         skip_nonfinite: leave everything as it was when a gradient holds NaN or Inf, counting the step.
@@ -50,11 +53,17 @@ class AGD(torch.optim.Optimizer):
         skip_nonfinite: bool = True,
     ) -> None:
         agd(gain)  # validates gain
-        super().__init__(params, dict(gain=gain))
+        super().__init__(params, dict(lr=gain))
         if len(self.param_groups) != 1:
             raise ValueError("AGD treats the parameters as one network: pass one ordered list, not parameter groups")
         self._layout = layout
         self._skip_nonfinite = skip_nonfinite
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for group in state["param_groups"]:  # saved when the gain was the group's "gain"
+            if "gain" in group:
+                group.setdefault("lr", group.pop("gain"))
+        super().__setstate__(state)
 
     def _parameters(self) -> list[torch.Tensor]:
         return self.param_groups[0]["params"]
@@ -78,7 +87,7 @@ class AGD(torch.optim.Optimizer):
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(f"AGD does not support sparse gradients (parameter {i})")
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        rule = agd(self.param_groups[0]["gain"], layout=self._layout, skip_nonfinite=self._skip_nonfinite)
+        rule = agd(self.param_groups[0]["lr"], layout=self._layout, skip_nonfinite=self._skip_nonfinite)
         slot = self.state[params[0]]
         state = rule.init([p.detach() for p in params])
         if slot:  # load_state_dict casts floating state to the parameter's dtype: cast it back
