@@ -26,11 +26,20 @@ def test_verdicts_fail_only_past_the_threshold_and_name_both_ratios() -> None:
         "before": {NAME: [0.50, 0.52, 0.51], "steady": [2.0, 2.0, 2.0]},
         "after": {NAME: [0.70, 0.69, 0.71], "steady": [2.1, 2.0, 2.2], "brand-new": [1.0]},
     }
-    lines, failures = gate.verdicts(samples, threshold=0.25)
+    lines, failures = gate.verdicts(samples, {}, default=0.25)
     assert failures == [f"{NAME}: ratio 0.510 before, 0.700 after (+37.3%; fails above +25%)"]
     assert any(line.startswith("  ok       steady: ratio 2.000 before, 2.100 after") for line in lines)
     assert any("brand-new: 1.000 (no baseline" in line for line in lines)
-    assert gate.verdicts(samples, threshold=0.40)[1] == []
+    assert gate.verdicts(samples, {NAME: 0.40}, default=0.25)[1] == []
+    assert gate.verdicts(samples, {"steady": 0.01}, default=0.40)[1] == [
+        "steady: ratio 2.000 before, 2.100 after (+5.0%; fails above +1%)"]
+
+
+def test_thresholds_are_three_spreads_and_at_least_the_floor(tmp_path: Path) -> None:
+    spread = tmp_path / "spread.json"
+    spread.write_text('{"rows": [{"benchmark": "a", "cv": 0.02}, {"benchmark": "b", "cv": 0.10}]}')
+    assert gate.thresholds(spread) == {"a": gate.MIN_THRESHOLD, "b": pytest.approx(3 * 0.10)}
+    assert gate.thresholds(tmp_path / "missing.json") == {}
 
 
 def test_the_default_baseline_is_the_newest_measured_ancestor() -> None:

@@ -5,19 +5,24 @@
   runs it only where ``module`` imports (CuPy: a GPU). README.md is not run: its "Use" blocks are fragments
   (``params``, ``model`` come from the reader's code); the quickstarts here are their runnable versions.
 * ``mkdocs build --strict`` must pass with no warning at all.
-* Headless Chromium (Debian's ``chromium``; ``make test`` installs it) opens the built index.html and must show
-  every navigation title and the index page's first heading. ``NERO_DOCS_SKIP_BROWSER=1`` skips only this check.
+* Headless Chromium (Debian's ``chromium``; ``make test`` installs it), offline and from disk, opens the built
+  index.html and must show every navigation title and the index page's first heading; a page's equations must be
+  typeset by MathJax (served by the site); and the benchmark dashboard (asv's site, from the committed results)
+  must draw a benchmark's graph with a point for every commit measured. ``NERO_DOCS_SKIP_BROWSER=1`` skips these.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from html import unescape
 from html.parser import HTMLParser
@@ -195,6 +200,96 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def browser_or_skip() -> str:
+    if os.environ.get("NERO_DOCS_SKIP_BROWSER") == "1":
+        pytest.skip("NERO_DOCS_SKIP_BROWSER=1")
+    browser = chromium()
+    assert browser, "chromium is not installed: `make test` installs it (apt-get install chromium)"
+    return browser
+
+
+def chromium_flags(profile: Path) -> list[str]:
+    return [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--host-resolver-rules=MAP * ~NOTFOUND",  # offline on purpose: the page must not need the network
+        f"--user-data-dir={profile}",
+    ]
+
+
+class DevTools:
+    """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: the browser
+    reads commands from fd 3 and writes replies to fd 4, each a JSON message ended by a NUL byte)."""
+
+    def __init__(self, browser: str, profile: Path) -> None:
+        to_browser, self._commands = os.pipe()
+        self._replies, from_browser = os.pipe()
+
+        def onto_3_and_4() -> None:
+            os.dup2(to_browser, 3)
+            os.dup2(from_browser, 4)
+
+        self.process = subprocess.Popen(
+            [browser, *chromium_flags(profile), "--remote-debugging-pipe", "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=onto_3_and_4, pass_fds=(3, 4),
+        )
+        os.close(to_browser)
+        os.close(from_browser)
+        self._next, self._buffer, self._session = 0, b"", None
+
+    def call(self, method: str, **params) -> dict:
+        self._next += 1
+        message = {"id": self._next, "method": method, "params": params}
+        if self._session:
+            message["sessionId"] = self._session
+        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buffer:
+                chunk = os.read(self._replies, 1 << 16)
+                assert chunk, "chromium closed the DevTools pipe"
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._next:
+                assert "error" not in reply, reply["error"]
+                return reply["result"]
+
+    def open(self, url: str) -> None:
+        target = self.call("Target.createTarget", url=url)["targetId"]
+        self._session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def wait_for(self, expression: str, timeout: float = 60.0):
+        """The value of the JavaScript ``expression`` once it is truthy (None after ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+            if value:
+                return value
+            time.sleep(0.25)
+        return None
+
+    def close(self) -> None:
+        self._session = None
+        try:
+            self.call("Browser.close")
+        except (AssertionError, OSError):
+            pass
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        os.close(self._commands)
+        os.close(self._replies)
+
+
+@pytest.fixture
+def devtools(tmp_path):
+    browser = DevTools(browser_or_skip(), tmp_path / "profile")
+    yield browser
+    browser.close()
+
+
 class RenderedPage(HTMLParser):
     """The parts of a rendered Material page the browser check reads: the text of the primary navigation, the
     first ``<h1>`` (without its permalink), and the ``<html>`` element's classes."""
@@ -231,15 +326,8 @@ class RenderedPage(HTMLParser):
 
 
 def test_index_renders_navigation_and_first_page_in_chromium(site, tmp_path):
-    if os.environ.get("NERO_DOCS_SKIP_BROWSER") == "1":
-        pytest.skip("NERO_DOCS_SKIP_BROWSER=1")
-    browser = chromium()
-    assert browser, "chromium is not installed: `make test` installs it (apt-get install chromium)"
     command = [
-        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--host-resolver-rules=MAP * ~NOTFOUND",  # offline on purpose: the page must not need the network
-        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+        browser_or_skip(), *chromium_flags(tmp_path / "profile"), "--virtual-time-budget=5000",
         "--dump-dom", (site / "index.html").as_uri(),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -254,6 +342,58 @@ def test_index_renders_navigation_and_first_page_in_chromium(site, tmp_path):
         assert title in nav, f"the rendered navigation lacks {title!r}: {nav}"
     heading = next(ln[2:].strip() for ln in (DOCS / "index.md").read_text().splitlines() if ln.startswith("# "))
     assert page.h1 == heading
+
+
+def test_equations_render_offline(site, devtools):
+    """MathJax comes with the site: opened from disk with no network, the maths is typeset, not left as LaTeX."""
+    devtools.open((site / "algorithms" / "nero.html").as_uri())
+    typeset = devtools.wait_for("document.querySelectorAll('.arithmatex mjx-container').length")
+    assert typeset, "no equation on algorithms/nero.html was typeset by MathJax"
+    raw = devtools.wait_for("[...document.querySelectorAll('.arithmatex')].filter(e => !e.querySelector("
+                            "'mjx-container')).map(e => e.textContent).join(' | ') || 'none'")
+    assert raw == "none", f"equations left as LaTeX source: {raw[:300]}"
+
+
+# One series of the dashboard, and how many commits the committed results measured it at.
+DASHBOARD_BENCHMARK = "bench_step.TorchCPURatio.track_x_adam"
+DASHBOARD_PARAMS = {"shapes": "mlp", "optimizer": "nero"}
+
+
+def measured_commits(benchmark: str, params: dict[str, str]) -> int:
+    """Commits with a value for ``benchmark`` at ``params`` (given in the benchmark's parameter order) in the
+    committed asv results."""
+    wanted = tuple(repr(v) for v in params.values())  # asv stores parameter values as their repr
+    commits = set()
+    for path in (ROOT / "asv_bench" / "results").glob("*/*.json"):
+        record = json.loads(path.read_text())
+        if path.name == "machine.json" or benchmark not in record.get("results", {}):
+            continue
+        result = dict(zip(record["result_columns"], record["results"][benchmark]))
+        for combo, value in zip(itertools.product(*result["params"]), result["result"]):
+            if combo == wanted and value is not None and math.isfinite(value):
+                commits.add(record["commit_hash"])
+    return len(commits)
+
+
+def test_benchmark_dashboard_draws_its_points_offline(site, devtools):
+    """The Benchmarks page links the dashboard; opened from disk, a benchmark's graph has a point per commit."""
+    benchmarks_page = (site / "benchmarks.html").read_text()
+    assert 'href="benchmarks-dashboard/index.html' in benchmarks_page
+    expected = measured_commits(DASHBOARD_BENCHMARK, DASHBOARD_PARAMS)
+    assert expected >= 2, "the committed results should hold a history (asv_bench/history.py)"
+    selection = "&".join(f"p-{k}='{v}'" for k, v in DASHBOARD_PARAMS.items())
+    devtools.open((site / "benchmarks-dashboard" / "index.html").as_uri() + f"#{DASHBOARD_BENCHMARK}?{selection}")
+    points = devtools.wait_for(
+        "(() => { const plot = window.jQuery && jQuery('#main-graph').data('plot'); if (!plot) return null;"
+        " const series = plot.getData().map(s => s.data.filter(p => p[1] !== null).length);"
+        " return series.length ? series : null; })()"
+    )
+    assert points == [expected], f"the graph's series have {points} points; the results measured {expected} commits"
+    drawn = devtools.wait_for("jQuery('#main-graph canvas.flot-base')[0].toDataURL().length")
+    blank = devtools.wait_for("(() => { const c = document.createElement('canvas');"
+                              " const f = jQuery('#main-graph canvas.flot-base')[0];"
+                              " c.width = f.width; c.height = f.height; return c.toDataURL().length; })()")
+    assert drawn > blank, "the graph's canvas is blank"
 
 
 if __name__ == "__main__":  # the subprocess of test_page_code_runs: python tests/test_docs.py docs/<page>.md

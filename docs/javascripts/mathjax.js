@@ -1,5 +1,5 @@
-// MathJax settings for pymdownx.arithmatex (generic mode). MathJax itself loads from a CDN; offline, the
-// formulas stay as their LaTeX source and the rest of the page is unaffected.
+// MathJax settings for pymdownx.arithmatex (generic mode). MathJax itself is served by the site
+// (javascripts/mathjax/, from the pinned npm package: docs/offline_hooks.py), so the maths renders offline too.
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"]],
