@@ -54,7 +54,7 @@ wheel-check: $(STAMP)
 	$(WHEEL_VENV)/bin/python -m pip install --quiet --no-compile -c requirements/constraints.txt \
 		"$$(ls $(WHEEL_CHECK_DIR)/dist/*.whl)[torch,jax]" pytest
 	cd $(WHEEL_CHECK_DIR) && venv/bin/python $(CURDIR)/tests/installed/smoke.py
-	cd $(WHEEL_CHECK_DIR) && $(CURDIR)/$(VENV)/bin/mypy --strict --no-incremental --python-executable venv/bin/python \
+	cd $(WHEEL_CHECK_DIR) && $(abspath $(VENV))/bin/mypy --strict --no-incremental --python-executable venv/bin/python \
 		$(CURDIR)/tests/installed/typing_usage.py
 	cd $(WHEEL_CHECK_DIR) && NERO_TEST_INSTALLED=1 venv/bin/python -m pytest -q -p no:cacheprovider \
 		--confcutdir=$(CURDIR)/tests/installed $(CURDIR)/tests/installed
