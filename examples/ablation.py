@@ -15,12 +15,13 @@ from harness.tasks import cifar_cnn
 from tqdm.auto import tqdm
 
 VARIANTS = [(True, True), (True, False), (False, True), (False, False)]
+STEPS = {"smoke": 10, "quick": 60, "full": 120}  # at a constant lr (the committed record's budget)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
     study = Study("ablation", args, __file__, argv)
-    task = cifar_cnn(study.scale, args.data_dir)
+    task = cifar_cnn(study.scale, args.data_dir, steps=STEPS[study.scale])
     seeds = (0,) if study.scale == "smoke" else (0, 1, 2)
     configs = [Config("nero", 0.01, {"centre": c, "normalise": n}) for c, n in VARIANTS]
     runs = [run(task, config, seed) for config in tqdm(configs, disable=not study.progress) for seed in seeds]

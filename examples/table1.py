@@ -19,6 +19,7 @@ again, and the tables and figures are rebuilt from the records alone.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -37,6 +38,11 @@ BASELINES = ("sgd", "adam", "lamb", "muon")
 TARGET_TASK = "char_lm_shakespeare"  # the steps-to-target table's task, run from 5 seeds
 # CPU seconds of one full-scale run on one thread (measured here), for the ETA until a task has records
 ESTIMATE = {"mlp_mnist": 10, "cnn_cifar10": 55, "char_lm_shakespeare": 100, "cgan_mnist": 50, "ppo_cartpole": 25}
+MODELS = {  # the models whose records do not say (see harness.models)
+    "char_lm_shakespeare": "pre-norm transformer, 2 layers, width 64, 4 heads, context 64",
+    "cgan_mnist": "MLP generator 74-256-256-784; MLP discriminator with a class projection",
+    "ppo_cartpole": "actor and critic MLPs 4-64-64-out",
+}
 # what else the table shows of a task's runs: the GAN's samples classified as the class asked for
 EXTRA = {"cgan_mnist": ("generated_accuracy", "samples' class accuracy {:.0f}%")}
 
@@ -50,11 +56,14 @@ def protocol(scale: str, task: str) -> Protocol:
 
 
 def plan(scale: str, names: list[str], tasks: dict, records: dict[str, dict]) -> Plan:
-    """Every chosen task's runs, task by task in the order of ``names`` within each phase."""
+    """Every chosen task's runs, one task after another (the cheapest first, so that a study cut short has whole
+    rows), each task's in the order of its protocol's phases."""
     whole = Plan()
-    for name in names:
+    for index, name in enumerate(sorted(names, key=lambda n: ESTIMATE[n])):
         task = tasks[name]
-        whole += tuning_plan(name, task.goal, task.schedule.name, protocol(scale, name), records)
+        part = tuning_plan(name, task.goal, task.schedule.name, protocol(scale, name), records)
+        part.ready = [replace(spec, phase=10 * index + spec.phase) for spec in part.ready]
+        whole += part
     return whole
 
 
@@ -62,7 +71,6 @@ def rows_of(task: str, runs: list[dict]) -> tuple[list[list[str]], dict]:
     """Table 1's rows for ``task`` (each optimizer's best lr and score over seeds, and Nero at 0.01), and the
     best settings' summaries by row label."""
     goal = runs[0]["goal"]
-    budget = budget_text(task, runs[0]["settings"])
     extra = EXTRA.get(task)
     chosen, rows = {}, []
     for name in OPTIMIZERS:
@@ -72,7 +80,7 @@ def rows_of(task: str, runs: list[dict]) -> tuple[list[list[str]], dict]:
     chosen["nero (lr 0.01)"] = best(goal, default, "nero") if default else None
     for label, row in chosen.items():
         text = cell(row, runs, extra)
-        rows.append([task, budget, label, "pending" if row is None else f"{row['lr']:g}", text])
+        rows.append([task, label, "pending" if row is None else f"{row['lr']:g}", text])
     return rows, chosen
 
 
@@ -95,25 +103,28 @@ def report(folder: Path) -> str:
     """Rebuild ``table1.md``, ``steps_to_target.md`` and the figures in ``folder`` from the records in
     ``folder/runs``; return the Markdown."""
     runs = load_runs(folder / "runs")
-    header = ["task", "budget and schedule", "optimizer", "best lr", "score: mean ± std over seeds (seeds)"]
-    rows, verdicts, cpu = [], [], []
+    rows, verdicts, budgets = [], [], []
     for task in TASKS:
         mine = [r for r in runs if r["task"] == task]
         if not mine:
-            rows.append([task, "pending", "all", "pending", "pending"])
+            rows.append([task, "all", "pending", "pending"])
             continue
         task_rows, chosen = rows_of(task, mine)
         rows += task_rows
         verdicts.append(verdict(task, mine, chosen))
-        cpu.append(f"- {task}: {len(mine)} runs, {sum(r['cpu_seconds'] for r in mine) / 3600:.2f} CPU hours; "
-                   f"metric: {mine[0]['metric']}; settings: {settings_text(mine[0]['settings'])}")
+        settings = mine[0]["settings"]
+        budget, schedule = budget_text(task, settings).split("; ")
+        budgets.append([task, settings.get("architecture", MODELS.get(task)), budget, schedule, mine[0]["metric"],
+                        len(mine), f"{sum(r['cpu_seconds'] for r in mine) / 3600:.2f}"])
         figures(folder, task, mine, chosen)
     total = sum(r["cpu_seconds"] for r in runs) / 3600
-    text = (markdown_table(header, rows) + "\n\nNero at its default lr 0.01 against the best tuned baseline:\n\n"
+    text = (markdown_table(["task", "optimizer", "best lr", "score: mean ± std over seeds (seeds)"], rows)
+            + "\n\nNero at its default lr 0.01 against the best tuned baseline:\n\n"
             + markdown_table(["task", "metric", "best tuned baseline", "nero at 0.01", "gap", "nero's best lr: score"],
                              verdicts)
-            + f"\n\nCPU time ({len(runs)} runs, {total:.2f} CPU hours in all, one thread per run):\n\n"
-            + "\n".join(cpu) + "\n")
+            + "\n\nBudgets (every optimizer trains a task under the same schedule; the lr is its peak):\n\n"
+            + markdown_table(["task", "model", "budget", "schedule", "metric", "runs", "CPU hours"], budgets)
+            + f"\n\n{len(runs)} runs, {total:.2f} CPU hours in all (one thread per run).\n")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "table1.md").write_text(text)
     target = [r for r in runs if r["task"] == TARGET_TASK]
@@ -131,10 +142,6 @@ def budget_text(task: str, settings: dict) -> str:
     if images and task != TARGET_TASK:
         return f"{steps} steps ({steps * settings['batch'] / images:.3g} epochs of {images} images); {schedule}"
     return f"{steps} steps of {settings['batch']} windows; {schedule}"
-
-
-def settings_text(settings: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in settings.items() if k not in ("name", "metric", "goal", "chance"))
 
 
 def figures(folder: Path, task: str, runs: list[dict], chosen: dict) -> None:

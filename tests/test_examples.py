@@ -143,7 +143,7 @@ def check_runs(runs: list[dict], optimizers: set[str], seeds: set[int]) -> None:
 def check_table1(runs: list[dict], tmp_path: Path, task: str) -> None:
     check_runs(runs, {"nero", "sgd", "adam", "lamb", "muon"}, {0, 1})
     table = (tmp_path / "table1.md").read_text()
-    assert table.count(f"| {task} |") == 7  # five optimizers, Nero at 0.01, and the Nero-against-baselines row
+    assert table.count(f"| {task} |") == 8  # five optimizers, Nero at 0.01, Nero against the baselines, budget
     assert (tmp_path / f"{task}_lr.png").stat().st_size > 0 and (tmp_path / f"{task}_curves.png").stat().st_size > 0
 
 

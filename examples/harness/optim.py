@@ -36,9 +36,11 @@ class Chain:
 
 
 def nero(model: nn.Module, lr: float = NERO_DEFAULT_LR, **options) -> torch.optim.Optimizer:
-    """nero_torch.Nero on every parameter of ``model``, with the neuron axis of each module type
-    (``options``: ``centre``, ``normalise``)."""
-    return nero_torch.Nero(nero_torch.param_groups(model), lr=lr, **options)
+    """nero_torch.Nero on every parameter of ``model``, with the neuron axis of each module type, every layer
+    constrained but a one-output linear layer (a value head, a discriminator's logit: one balanced neuron would fix
+    the output's scale, and Nero's audit says to leave it free). ``options``: ``centre``, ``normalise``."""
+    single = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == 1]
+    return nero_torch.Nero(nero_torch.param_groups(model, unconstrained=single), lr=lr, **options)
 
 
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:

@@ -123,17 +123,21 @@ def new_figure(size: tuple[float, float] = (5, 3.5), columns: int = 1):
 
 
 def informative_range(values: list[float], goal: str, chance: float | None) -> tuple[float, float]:
-    """The y-range that shows the differences that matter: from the best value to the worst, cut a little past
-    chance (a loss above chance, an accuracy below it, says only that the run failed); without a chance level, cut
-    at the best value plus 4 times its distance to the median (so one blown-up run does not flatten the rest)."""
+    """The y-range that shows the differences that matter: from the best value to 4 times its distance to the
+    median value away, and never further than a little past chance (a loss above chance, an accuracy below it,
+    says only that the run failed), so that failed runs do not flatten the rest."""
     values = sorted(values)
     low, high = values[0], values[-1]
     median = values[len(values) // 2]
     if goal == "max":
-        floor = chance - 0.1 * (high - chance) if chance is not None else high - 4 * (high - median)
+        floor = high - 4 * (high - median)
+        if chance is not None:
+            floor = max(floor, chance - 0.1 * (high - chance))
         low = max(low, floor) if high > floor else low
     else:
-        ceiling = chance + 0.1 * (chance - low) if chance is not None else low + 4 * (median - low)
+        ceiling = low + 4 * (median - low)
+        if chance is not None:
+            ceiling = min(ceiling, chance + 0.1 * (chance - low))
         high = min(high, ceiling) if low < ceiling else high
     pad = 0.05 * (high - low) or 0.05 * abs(high) or 1.0
     return low - pad, high + pad
@@ -176,6 +180,10 @@ def lr_figure(lines: dict[str, list[dict]], *, title: str, ylabel: str, chance: 
                             fmt="s", color=colour, ms=6, mfc="white", capsize=3)
     if chance is not None and low <= chance <= high:
         ax.axhline(chance, color="grey", lw=0.8, ls="--", label="chance")
+    marks = {"v" if goal == "max" else "^": "beyond the axis", "x": "diverged"}
+    for marker, text in marks.items():
+        if any(line.get_marker() == marker and len(line.get_xdata()) for line in ax.lines):
+            ax.plot([], [], marker, color="grey", ls="none", label=text)
     ax.set(xscale="log", xlabel="learning rate (peak)", ylabel=ylabel, title=title, ylim=(low, high))
     ax.legend(fontsize=7, ncol=2)
     return fig

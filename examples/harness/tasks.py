@@ -307,10 +307,12 @@ def mnist_mlp(scale: str, data_dir=None) -> Classification:
                           schedule=Schedule(decay="epoch", gamma=0.9, epoch=MNIST_EPOCH))
 
 
-def cifar_cnn(scale: str, data_dir=None, schedule: Schedule = CONSTANT) -> Classification:
+def cifar_cnn(scale: str, data_dir=None, schedule: Schedule = CONSTANT, steps: int | None = None) -> Classification:
+    """The small CNN on a CIFAR-10 subset (10,000 training images at full scale) for ``steps`` (default: Table 1's
+    budget at ``scale``)."""
     train_size, test_size = {"smoke": (500, 500), "quick": (5000, 2000), "full": (10000, 5000)}[scale]
     return Classification("cnn_cifar10", lambda: data.cifar10(data_dir, train_size=train_size, test_size=test_size),
-                          lambda: cnn(), steps=SCALES["cnn_cifar10"][scale],
+                          lambda: cnn(), steps=steps or SCALES["cnn_cifar10"][scale],
                           train_size=train_size, test_size=test_size, schedule=schedule,
                           architecture="CNN: 3 conv3x3-ReLU-maxpool blocks (16, 32, 64 channels), linear head")
 
