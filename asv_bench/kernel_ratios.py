@@ -9,10 +9,10 @@ their steps are timed in interleaved blocks (so that load on a shared machine fa
 round gives every optimizer's time per step and its ratio to SGD (``torch.optim.SGD(foreach=True)``, no
 momentum: the bandwidth floor) measured in that round; the table gives the median over rounds with the spread
 (lowest and highest ratio), the ratio of the fastest rounds (the least disturbed by other load), and the
-machine (CPU model, caches, threads). ``--clock cpu`` times with the process's CPU time instead of the wall clock (``--clock thread``: the calling thread's):
-on a machine shared with other work it leaves out the time the process waits for a core (with one thread it is
-then the time an idle machine would show; with several it also counts threads that spin while waiting).
-"""
+machine (CPU model, caches, threads). ``--clock thread`` times with the calling thread's CPU time instead of the
+wall clock (``--clock cpu``: the process's): on a machine shared with other work it leaves out the time the
+process waits for a core, so with one thread it is the time an idle machine would show (with several, ``cpu``
+also counts threads that spin while waiting, and ``thread`` misses the others' work)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--shape", action="append", help="ROWSxCOLS of one float32 tensor (default 2048x512)")
     parser.add_argument("--set", choices=["gpt2"], help="a shape set instead of single tensors")
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated, from " + ",".join(OPTIMIZERS))
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated, from the default")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--block-seconds", type=float, default=0.05)
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")

@@ -50,20 +50,23 @@ def kernel_steps(monkeypatch) -> list[int]:
     return calls
 
 
+def steady_state(p: torch.nn.Parameter, v: np.ndarray, t: int, **options) -> nero_torch.Nero:
+    """``Nero(fused=True)`` over ``p`` as after ``t`` updates, with state ``v`` and ``sigma`` 1."""
+    opt = nero_torch.Nero([p], fused=True, **options)
+    opt.state[p] = {"step": torch.tensor(float(t)), "v": torch.tensor(v, dtype=p.dtype),
+                    "sigma": torch.ones((), dtype=p.dtype)}
+    return opt
+
+
 def kernel_step(w: np.ndarray, g: np.ndarray, v: np.ndarray, dtype: torch.dtype, *, t: int = 3, lr: float = 0.01,
-                threads: int | None = None, **options) -> torch.Tensor:
-    """One steady-state step of ``Nero(fused=True)`` from ``t`` updates taken, ``v`` and ``sigma`` 1."""
+                **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """One steady-state step of ``Nero(fused=True)`` from ``t`` updates taken, ``v`` and ``sigma`` 1: the new
+    parameter and ``v``."""
     p = torch.nn.Parameter(torch.tensor(w, dtype=dtype))
-    opt = nero_torch.Nero([p], lr=lr, fused=True, **options)
-    opt.state[p] = {"step": torch.tensor(float(t)), "v": torch.tensor(v, dtype=dtype), "sigma": torch.ones((), dtype=dtype)}
+    opt = steady_state(p, v, t, lr=lr, **options)
     p.grad = torch.tensor(g, dtype=dtype)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
-    try:
-        opt.step()
-    finally:
-        torch.set_num_threads(before)
-    return p.detach()
+    opt.step()
+    return p.detach(), opt.state[p]["v"]
 
 
 def reference_step(w: np.ndarray, g: np.ndarray, v: np.ndarray, *, t: int = 3, lr: float = 0.01,
@@ -115,7 +118,7 @@ def test_rows_the_closed_form_cannot_trust_match_the_core_rule(case, dtype, skip
     which normalising by the row's spread (~8e-3) makes ~6e-5 per element (the core rule in float32 is 2.4e-4
     off the float64 reference there)."""
     w, g, v, lr = crafted_rows(case, dtype)
-    got = kernel_step(w, g, v, dtype, lr=lr, skip_nonfinite=skip_nonfinite).numpy()
+    got = kernel_step(w, g, v, dtype, lr=lr, skip_nonfinite=skip_nonfinite)[0].numpy()
     expected = reference_step(w, g, v, lr=lr)
     assert len(kernel_steps) == 1
     tolerance = 1e-3 if dtype == torch.float32 and case == "near-constant" else TOLERANCE[dtype]
@@ -128,7 +131,7 @@ def test_rows_the_closed_form_cannot_trust_match_the_core_rule(case, dtype, skip
 def test_crafted_rows_with_one_constraint_or_none(options, kernel_steps):
     for case in CASES:
         w, g, v, lr = crafted_rows(case, torch.float64)
-        got = kernel_step(w, g, v, torch.float64, lr=lr, **options).numpy()
+        got = kernel_step(w, g, v, torch.float64, lr=lr, **options)[0].numpy()
         np.testing.assert_allclose(got, reference_step(w, g, v, lr=lr, **options), rtol=0, atol=1e-12, err_msg=case)
 
 
@@ -147,9 +150,7 @@ def test_threaded_branch_matches_the_core_rule_and_the_single_thread_bits(dtype,
     runs = {}
     for threads in (2, 1):
         p = torch.nn.Parameter(torch.tensor(w, dtype=dtype))
-        opt = nero_torch.Nero([p], fused=True)
-        opt.state[p] = {"step": torch.tensor(1.0), "v": torch.zeros(shape[0], dtype=dtype),
-                        "sigma": torch.ones((), dtype=dtype)}
+        opt = steady_state(p, np.zeros(shape[0]), 1)
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -199,12 +200,12 @@ def test_kernel_built_for_avx2_and_sse2_matches_the_core_rule(march, kernel_step
         monkeypatch.setattr(_native, "library", lambda lib=lib: lib)
         for dtype in (torch.float32, torch.float64):
             np_dtype = np.float32 if dtype == torch.float32 else np.float64
-            got = kernel_step(w.astype(np_dtype), g.astype(np_dtype), v.astype(np_dtype), dtype)
+            got, _ = kernel_step(w.astype(np_dtype), g.astype(np_dtype), v.astype(np_dtype), dtype)
             np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=TOLERANCE[dtype])
             results[name, dtype] = got
             for case in CASES:
-                results[name, dtype, case] = kernel_step(*crafted_rows(case, dtype)[:3], dtype,
-                                                         lr=crafted_rows(case, dtype)[3])
+                w_case, g_case, v_case, lr = crafted_rows(case, dtype)
+                results[name, dtype, case] = kernel_step(w_case, g_case, v_case, dtype, lr=lr)[0]
     if march == "x86-64-v3" and "avx" in _cpu_flags():
         assert all(torch.equal(results[("native", *key[1:])], value) for key, value in results.items()
                    if key[0] == march)

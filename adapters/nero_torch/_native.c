@@ -82,7 +82,7 @@ static inline int64_t block_rows(int64_t k) {
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-#define KERNELS(SUF, T, SQRT)                                                                                           \
+#define KERNELS(SUF, T, SQRT)                                                                                       \
     typedef T vec_##SUF __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));                  \
     enum { LANES_##SUF = VECTOR_BYTES / sizeof(T) };                                                                \
     ALWAYS_INLINE vec_##SUF load_##SUF(const T *x) { return *(const vec_##SUF *)x; }                                \
