@@ -13,10 +13,14 @@ neuron axis ``a``, mesh dimension by mesh dimension:
 - Bias-like tensors are elementwise: local under any placement. ``Partial`` parameters are refused.
 
 At the first update ``sigma`` (the mean row norm when rows are not normalised, mean ``|p|`` for bias-like tensors)
-sums over the whole tensor: one all-reduce per mesh at that step, for every tensor at once. It also carries whether
-any rank saw a non-finite gradient, so that all ranks skip such a first step together (a rank that went on alone
-would wait forever in its next collective). Later steps check only each rank's own shards: a non-finite gradient
-skips the step on the ranks that hold it (for rows split across ranks, on every rank of the row, through the sums).
+sums over the whole tensor: one all-reduce per mesh at that step, for every tensor at once.
+
+Non-finite gradients: every step, the ranks agree on whether any of them saw a non-finite gradient (or a square past
+the state's dtype), and all take the step or all skip it, so replicas (``Replicate`` placements, plain tensors beside
+DTensors), step counts and ``skipped_steps`` stay identical on every rank. The verdict is one scalar all-reduce per
+mesh and step: it rides on the step's last all-reduce where that one spans the whole mesh (the first step's
+``sigma``; row sums split over every rank of a 1-D mesh), else it goes alone, as plain c10d (cheaper for a scalar
+than DTensor's redistribution). ``skip_nonfinite="neuron"`` skips the whole step here too.
 
 State: ``v`` is a DTensor laid out like the neurons (so distributed checkpoints save it whole); ``step`` and
 ``sigma`` are plain 0-d tensors, equal on every rank. Sharded parameters always take the eager kernels
@@ -183,23 +187,32 @@ class ShardedStep:
         self.items = items
 
     def prepare(self, checks: list[Tensor]) -> list[Tensor]:
-        """Phase one; ``checks`` are the plain parameters' non-finite checks. Returns the sharded parameters' own,
-        to join them: a tensor that is finite exactly when this rank should take the step."""
+        """Phase one; ``checks`` are the plain parameters' non-finite checks. Returns checks to join them, finite
+        exactly when no rank saw a non-finite gradient (or a square past the state's dtype): the same verdict on every
+        rank of every mesh, so that all ranks take the step or all skip it (replicas never diverge). The verdict is
+        one scalar per mesh, all-reduced with the step's last collective where that one spans the mesh, else alone."""
         first = [it for it in self.items if it.state is None]
+        split = [it for it in self.items if it.split]
         for it in self.items:
             if it.state is not None and not it.split and not it.empty_rows:
                 it.sizes = step_sizes(it.grad, it.local_state(), it.spec, **it.hyper)
-        own = [it.sizes.v if it.sizes is not None else _squares(it) for it in self.items]
+        local = checks + [it.sizes.v if it.sizes is not None else _squares(it) for it in self.items]
+        agreed, reduced = None, []
         if first:
             self._project([it for it in first if it.spec.axis is not None])
-            own.append(self._sigmas(first, _any_nonfinite(checks + own)))
+            agreed = self._sigmas(first, None if split else local)  # the last collective when no row is split
             for it in first:
                 if not it.split and not it.empty_rows:
                     it.sizes = step_sizes(it.grad, it.local_state(), it.spec, **it.hyper)
-        split = [it for it in self.items if it.split]
         if split:
-            own += self._split_sizes(split)
-        return own
+            meshes = {it.layout.mesh for it in self.items}
+            spans = len(meshes) == 1 and all(it.layout.split == tuple(range(it.layout.mesh.ndim)) for it in split)
+            # rows split over every rank: all ranks hold the same reduced sums, so the verdict may ride along
+            agreed, reduced = self._split_sizes(split, local if spans else None)
+            local += reduced
+        if agreed is None:
+            agreed = self._agree_alone(local)
+        return [agreed, *reduced]
 
     def apply(self, states: dict[Any, dict[str, Tensor]]) -> None:
         """Phase two: write parameters and state (the step is taken)."""
@@ -239,10 +252,9 @@ class ShardedStep:
             else:
                 it.row_norms = norms
 
-    def _sigmas(self, first: list[_Item], nonfinite: Tensor) -> Tensor:
-        """Every first-updated tensor's sigma and the ranks' agreement on the step: one all-reduce per mesh.
-
-        Returns a check that is non-finite when any rank of any mesh saw a non-finite gradient."""
+    def _sigmas(self, first: list[_Item], local: list[Tensor] | None) -> Tensor | None:
+        """Every first-updated tensor's sigma, one all-reduce per mesh, carrying the verdict on ``local`` checks
+        where given (see :meth:`_agree`; returns it, else None)."""
         pieces, owners = [], []
         for it in first:
             if it.spec.axis is not None and it.spec.normalise:
@@ -251,32 +263,59 @@ class ShardedStep:
             local_sum = it.row_norms.sum() if it.spec.axis is not None else it.local.to(it.dtype).abs().sum()
             pieces.append((it.layout.mesh, it.layout.rows, local_sum))
             owners.append(it)
-        meshes = list(dict.fromkeys(it.layout.mesh for it in self.items))
-        flags = [(mesh, tuple(range(mesh.ndim)), nonfinite.to(_device(self.items, mesh))) for mesh in meshes]
-        reduced = _all_reduce(pieces + flags)
+        agreed, reduced = self._agree(local, pieces) if local is not None else (None, _all_reduce(pieces))
         for it, total in zip(owners, reduced):
             count = it.p.shape[it.spec.axis] if it.spec.axis is not None else it.p.numel()
             mean = total / count
             it.sigma = torch.where(mean > 0, mean, 0.01)  # the core's floor for a tensor that starts at zero
-        agreed = torch.stack([f.to(nonfinite.device) for f in reduced[len(pieces):]]).sum()
-        return torch.where(agreed > 0, torch.nan, 0.0)
+        return agreed
 
-    def _split_sizes(self, split: list[_Item]) -> list[Tensor]:
-        """Step sizes and per-row terms of tensors whose rows span ranks: their five row sums in one all-reduce."""
+    def _agree(self, local: list[Tensor], pieces: list[tuple[Any, tuple[int, ...], Tensor]]) -> tuple[Tensor, list]:
+        """All-reduce ``pieces`` together with whether any of the ``local`` checks is not finite, over every rank of
+        each mesh. Returns the agreed check (NaN when some rank saw a non-finite value, else 0) and the reduced
+        pieces."""
+        nonfinite = _any_nonfinite(local)
+        meshes = list(dict.fromkeys(it.layout.mesh for it in self.items))
+        flags = [(mesh, tuple(range(mesh.ndim)), nonfinite.to(_device(self.items, mesh))) for mesh in meshes]
+        reduced = _all_reduce(pieces + flags)
+        agreed = torch.stack([f.to(nonfinite.device) for f in reduced[len(pieces):]]).sum()
+        return torch.where(agreed > 0, torch.nan, 0.0), reduced[:len(pieces)]
+
+    def _agree_alone(self, local: list[Tensor]) -> Tensor:
+        """:meth:`_agree` with nothing to carry: one c10d all-reduce of the flag per mesh (a 1-D mesh, or one that
+        spans the world; else one per mesh dimension), each mesh summing what the one before it found. Plain c10d,
+        as a scalar through DTensor's redistribution costs several times more."""
+        import torch.distributed as dist
+
+        count = _any_nonfinite(local)
+        for mesh in dict.fromkeys(it.layout.mesh for it in self.items):
+            whole = mesh.ndim == 1 or mesh.size() == dist.get_world_size()
+            groups = [mesh.get_group() if mesh.ndim == 1 else dist.group.WORLD] if whole else [
+                mesh.get_group(d) for d in range(mesh.ndim)]
+            count = count.to(_device(self.items, mesh))
+            for group in groups:
+                dist.all_reduce(count, group=group)
+        return torch.where(count > 0, torch.nan, 0.0)
+
+    def _split_sizes(self, split: list[_Item], local: list[Tensor] | None) -> tuple[Tensor | None, list[Tensor]]:
+        """Step sizes and per-row terms of tensors whose rows span ranks: their five row sums in one all-reduce,
+        carrying the verdict on ``local`` checks where given. Returns it (else None) and the new ``v`` of each, the
+        same on every rank of its rows."""
         pieces = []
         for it in split:
             w = it.w if it.w is not None else it.local.to(it.dtype)
             g = it.grad.to(it.dtype)
             sums = [g * g, g, w * w, w, w * g]
             pieces.append((it.layout.mesh, it.layout.split, torch.stack([_row_sum(x, it.spec.axis) for x in sums])))
+        agreed, reduced = self._agree(local, pieces) if local is not None else (None, _all_reduce(pieces))
         checks = []
-        for it, (gg, sg, ww, sw, wg) in zip(split, _all_reduce(pieces)):
+        for it, (gg, sg, ww, sw, wg) in zip(split, reduced):
             it.sizes = sizes_from_sums(gg, sg, it.local_state(), rows=True, **it.hyper)
             rows = sg.shape[0]
             if rows:
                 it.terms = _row_terms(ww, sw, wg, it.sizes, it.spec, _fan_in(it) * rows)
             checks.append(it.sizes.v)
-        return checks
+        return agreed, checks
 
 
 def _write_split(it: _Item, target: Tensor, state: dict[str, Tensor]) -> None:
