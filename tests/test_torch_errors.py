@@ -29,6 +29,17 @@ def test_sparse_gradient_names_the_parameter():
         opt.step()
 
 
+def test_a_parameter_on_the_meta_device_is_named_at_the_step():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(2, 3))
+    opt = nero_torch.Nero(nero_torch.param_groups(model))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match=r"Nero cannot step parameter '0.weight' \(shape \(3, 2\).*meta device"):
+        opt.step()
+    assert len(opt.state) == 0
+
+
 @pytest.mark.parametrize(
     ("param", "message"),
     [

@@ -7,17 +7,20 @@ manner, driven by an ``OptimizerInfo`` through ``@optims`` and ``instantiate_dev
 from __future__ import annotations
 
 import io
+import unittest
 from copy import deepcopy
 
 import torch
 from torch.nn import Parameter
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 from torch.testing._internal.common_device_type import instantiate_device_type_tests
+from torch.testing._internal.common_methods_invocations import DecorateInfo
 from torch.testing._internal.common_optimizers import (
     ErrorOptimizerInput,
     OptimizerErrorEnum,
     OptimizerInfo,
     OptimizerInput,
+    _get_optim_inputs_including_global_cliquey_kwargs,
     get_error_inputs_for_all_optims,
     optims,
 )
@@ -27,7 +30,8 @@ from nero_torch import Nero
 
 
 def optim_inputs_func_nero(device, dtype=None):
-    inputs = [
+    """Nero's options; torch's harness adds ``foreach`` (False, True and the default) where a test wants it."""
+    return [
         OptimizerInput(params=None, kwargs={}, desc="default"),
         OptimizerInput(params=None, kwargs={"lr": 0.02, "beta": 0.9}, desc="non-default lr and beta"),
         OptimizerInput(params=None, kwargs={"lr": torch.tensor(0.01)}, desc="tensor lr"),
@@ -35,11 +39,6 @@ def optim_inputs_func_nero(device, dtype=None):
         OptimizerInput(params=None, kwargs={"normalise": False}, desc="not normalised"),
         OptimizerInput(params=None, kwargs={"neuron_axis": 1}, desc="neuron axis 1"),
         OptimizerInput(params=None, kwargs={"maximize": True}, desc="maximize"),
-    ]
-    return [
-        OptimizerInput(params=None, kwargs={**i.kwargs, "foreach": foreach}, desc=f"{i.desc}, foreach={foreach}")
-        for i in inputs
-        for foreach in (False, None)
     ]
 
 
@@ -50,8 +49,18 @@ def optim_error_inputs_func_nero(device, dtype):
         return p
 
     weight = Parameter(torch.randn(3, 4, device=device, dtype=dtype))
+    # Nero takes a named group (from nero_torch.param_groups) into an optimizer built on plain parameters, dropping
+    # its names, where torch refuses it; the reverse is refused, with Nero's own message (below).
+    accepted = "all optimizer param groups should be with/without names."
     return [
-        *get_error_inputs_for_all_optims(device, dtype),
+        *(e for e in get_error_inputs_for_all_optims(device, dtype) if e.optimizer_error_input.desc != accepted),
+        ErrorOptimizerInput(
+            OptimizerInput(
+                params=[{"params": [("weight", weight)]}, {"params": [Parameter(torch.zeros(2, device=device))]}],
+                kwargs={}, desc="an unnamed group after named ones",
+            ),
+            error_type=ValueError, error_regex="so an added group needs them too",
+        ),
         ErrorOptimizerInput(
             OptimizerInput(params=None, kwargs={"lr": -0.01}, desc="negative lr"),
             error_type=ValueError, error_regex="Invalid learning rate",
@@ -82,6 +91,25 @@ def optim_error_inputs_func_nero(device, dtype):
     ]
 
 
+# Nero's first update of a neuron tensor projects its weights (each row centred and normalised) whatever the
+# gradient and the lr: torch's tests that assume a step moves nothing without a gradient or a step size, or that
+# the loss of the raw random start can only rise under maximize, do not apply to it. Each is checked here instead
+# from the first step on (TestNero below).
+_PROJECTS_FIRST = "Nero's first step projects the weights onto balanced neurons, whatever the gradient"
+_SKIPS = (
+    DecorateInfo(unittest.skip(f"{_PROJECTS_FIRST}: from the random start, maximize cannot beat its loss in 20 "
+                               "steps (TestNero.test_forloop_goes_right_direction steps after the projection)"),
+                 "TestOptimRenewed", "test_forloop_goes_right_direction"),
+    DecorateInfo(unittest.skip(f"{_PROJECTS_FIRST}: maximize, as test_forloop_goes_right_direction"),
+                 "TestOptimRenewed", "test_param_groups_weight_decay"),
+    DecorateInfo(unittest.skip(f"{_PROJECTS_FIRST}, even at lr 1e-28 (per-group lr: "
+                               "TestNero.test_param_groups_match_separate_optimizers)"),
+                 "TestOptimRenewed", "test_param_groups_lr"),
+    DecorateInfo(unittest.skip(f"{_PROJECTS_FIRST}, even a zero one (with neuron_axis=1 the (5, 1) parameter is one "
+                               "neuron; TestNero.test_zero_gradients_after_the_first_step_move_nothing)"),
+                 "TestOptimRenewed", "test_step_is_noop_for_zero_grads"),
+)
+
 NERO_INFO = OptimizerInfo(
     Nero,
     optim_inputs_func=optim_inputs_func_nero,
@@ -89,6 +117,7 @@ NERO_INFO = OptimizerInfo(
     scheduler_inputs=([lambda opt: StepLR(opt, gamma=0.9, step_size=10), lambda opt: ReduceLROnPlateau(opt)],),
     supported_impls=("foreach",),
     supports_complex=False,
+    skips=_SKIPS,
 )
 
 
@@ -125,7 +154,7 @@ class TestNero(TestCase):
 
     @optims([NERO_INFO], dtypes=[torch.float32])
     def test_forloop_goes_right_direction(self, device, dtype, optim_info):
-        for optim_input in optim_info.optim_inputs_func(device):
+        for optim_input in _get_optim_inputs_including_global_cliquey_kwargs(device, dtype, optim_info):
             for make_schedulers in optim_info.scheduler_inputs:
                 weight, bias, loss_of = _problem(device, dtype)
                 optimizer = optim_info.optim_cls([weight, bias], **optim_input.kwargs)
@@ -149,7 +178,7 @@ class TestNero(TestCase):
 
     @optims([NERO_INFO], dtypes=[torch.float32])
     def test_closure_is_called_once_and_its_loss_returned(self, device, dtype, optim_info):
-        for optim_input in optim_info.optim_inputs_func(device):
+        for optim_input in _get_optim_inputs_including_global_cliquey_kwargs(device, dtype, optim_info):
             weight, bias, loss_of = _problem(device, dtype)
             optimizer = optim_info.optim_cls([weight, bias], **optim_input.kwargs)
             calls = []
@@ -167,7 +196,7 @@ class TestNero(TestCase):
 
     @optims([NERO_INFO], dtypes=[torch.float32, torch.float64])
     def test_step_is_noop_when_params_have_no_grad(self, device, dtype, optim_info):
-        for optim_input in optim_info.optim_inputs_func(device):
+        for optim_input in _get_optim_inputs_including_global_cliquey_kwargs(device, dtype, optim_info):
             params = [Parameter(torch.randn(3, 4, device=device, dtype=dtype)) for _ in range(2)]
             before = [p.clone() for p in params]
             optimizer = optim_info.optim_cls(params, **optim_input.kwargs)
@@ -175,9 +204,24 @@ class TestNero(TestCase):
             self.assertEqual(params, before)
             self.assertEqual(len(optimizer.state), 0)
 
+    @optims([NERO_INFO], dtypes=[torch.float32])
+    def test_zero_gradients_after_the_first_step_move_nothing(self, device, dtype, optim_info):
+        for optim_input in _get_optim_inputs_including_global_cliquey_kwargs(device, dtype, optim_info):
+            params = [Parameter(torch.randn(s, device=device, dtype=dtype)) for s in ((5, 1), (3, 4), (3,))]
+            optimizer = optim_info.optim_cls(params, **optim_input.kwargs)
+            for p in params:
+                p.grad = torch.randn_like(p)
+            optimizer.step()  # the first step: projection
+            projected = [p.detach().clone() for p in params]
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            for _ in range(2):
+                optimizer.step()
+            self.assertEqual(params, projected)  # to rounding: rows are re-balanced after every step
+
     @optims([NERO_INFO], dtypes=[torch.float32, torch.float64])
     def test_param_without_grad_keeps_its_state(self, device, dtype, optim_info):
-        for optim_input in optim_info.optim_inputs_func(device):
+        for optim_input in _get_optim_inputs_including_global_cliquey_kwargs(device, dtype, optim_info):
             weight, bias, loss_of = _problem(device, dtype)
             optimizer = optim_info.optim_cls([weight, bias], **optim_input.kwargs)
             for _ in range(3):
@@ -198,7 +242,7 @@ class TestNero(TestCase):
 
     @optims([NERO_INFO], dtypes=[torch.float32, torch.float64])
     def test_state_dict_deterministic(self, device, dtype, optim_info):
-        for optim_input in optim_info.optim_inputs_func(device):
+        for optim_input in _get_optim_inputs_including_global_cliquey_kwargs(device, dtype, optim_info):
             weight, bias, loss_of = _problem(device, dtype)
             optimizer = optim_info.optim_cls([weight, bias], **optim_input.kwargs)
 
@@ -223,7 +267,7 @@ class TestNero(TestCase):
 
     @optims([NERO_INFO], dtypes=[torch.float32, torch.float64])
     def test_param_groups_match_separate_optimizers(self, device, dtype, optim_info):
-        for optim_input in optim_info.optim_inputs_func(device):
+        for optim_input in _get_optim_inputs_including_global_cliquey_kwargs(device, dtype, optim_info):
             kwargs = {k: v for k, v in optim_input.kwargs.items() if k not in ("lr", "beta")}
             weight, bias, loss_of = _problem(device, dtype)
             weight_s, bias_s = Parameter(weight.detach().clone()), Parameter(bias.detach().clone())

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
 
 from nero_core._nero import skip_mode
 from nero_core._neurons import neuron_axis_of
@@ -51,7 +52,10 @@ class Nero(torch.optim.Optimizer):
         params: parameters or parameter groups; a group may set ``lr``, ``beta``, ``centre``, ``normalise``
             and ``neuron_axis``. :func:`nero_torch.param_groups` builds groups with the right neuron axis per
             module type.
-        lr: step size, a float or a 1-element tensor (a tensor avoids recompiles under ``torch.compile``).
+        lr: step size, a float or a 1-element tensor of any shape (``[]``, ``[1]``, ``[1, 1]``; a tensor avoids
+            recompiles under ``torch.compile``). A tensor is read where it lies, once per step: a CPU tensor acts as a
+            scalar for parameters on any device; one on another accelerator is copied to theirs. Under CUDA graphs
+            keep it on the parameters' device (a CPU value would be captured as a constant).
         beta: decay of the per-neuron second moment, in ``[0, 1)``.
         centre: keep every neuron's weights zero-mean.
         normalise: keep every neuron's weights unit-norm.
@@ -73,12 +77,14 @@ class Nero(torch.optim.Optimizer):
             finite keep their weights and ``v``, the rest update, and the C kernel makes one pass over memory,
             as SGD does. Under ``torch.compile`` and for DTensor parameters, ``"neuron"`` skips the whole step.
 
-    DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) are updated on their local shards, with no
-    communication where each neuron's row lies on one rank (see ``nero_torch._dtensor`` for the other layouts).
+    DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) are updated on their local shards; where each
+    neuron's row lies on one rank the only communication is one scalar all-reduce per step, the ranks' agreement on
+    skipping it (see ``nero_torch._dtensor`` for the other layouts).
 
     Non-finite gradients: when any gradient of any group holds NaN or Inf, the whole step is skipped (parameters and
     state, step counts included, unchanged; with ``skip_nonfinite="neuron"``, only the neurons concerned) and
-    :attr:`skipped_steps` counts it; the count is saved in the state dict. Each parameter keeps its own step count;
+    :attr:`skipped_steps` counts it; the count is saved in the state dict. With DTensor parameters every rank skips
+    when any rank saw one, so replicas and counts never diverge. Each parameter keeps its own step count;
     a parameter without a gradient is skipped and keeps its state. State is float32 for bf16/fp16 parameters, also
     after ``load_state_dict``. With ``OneCycleLR`` pass ``cycle_momentum=False``: Nero has no momentum to cycle.
     """
@@ -146,40 +152,37 @@ class Nero(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load after checking that the groups are Nero's and every parameter's state has its shape, a real
-        floating dtype and finite values; on any error nothing changes.
+        """Load through torch's own loading (its pre-hooks, then its post-hooks, whose edits stay), after checking
+        the dict the pre-hooks leave: the groups must be Nero's and every parameter's state must have its shape, a
+        real floating dtype and finite values; on any error nothing changes.
 
         ``v`` and ``sigma`` are cast to the compute dtype (float32 for bf16/fp16/fp32 parameters, float64 for fp64),
-        as torch casts optimizer state to its parameter, so a checkpoint moves between precisions.
+        as torch casts optimizer state to its parameter, so a checkpoint moves between precisions. A group saved
+        without ``maximize``, ``foreach`` or ``fused`` gets their defaults, as torch's optimizers fill them.
         """
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        for j, saved in enumerate(saved_groups):  # another optimizer's groups, even where it has no state yet
-            missing = _NERO_OPTIONS - set(saved)
-            if missing:
-                raise ValueError(
-                    f"loaded state dict is not Nero's: its parameter group {j} lacks {sorted(missing)} "
-                    "(a state dict of another optimizer?)"
-                )
-        kept, index = {}, 0
-        for group, saved in zip(self.param_groups, saved_groups):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(
-                    "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
-                )
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}  # what will be in force
-            _check_hyperparameters(merged)
-            for i, (p, key) in enumerate(zip(group["params"], saved["params"])):
-                name = _name(merged, i, p, index + i)
-                _check_param(p, merged, name)
-                if state_dict["state"].get(key):
-                    kept[p] = _checked_state(p, state_dict["state"][key], _spec(p, merged), name)
-            index += len(group["params"])
-        skipped = _skipped_count(state_dict.get("skipped_steps", 0))
-        super().load_state_dict(state_dict)
-        self.state.update(kept)
-        self._skipped = skipped
+        # Registered last, so that it checks what the user's pre-hooks leave; torch's loading then goes on.
+        handle = self.register_load_state_dict_pre_hook(_checked_load)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+            self.__dict__.pop("_checked", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_skipped": self._skipped, "_skip_mode": self._skip_mode}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for group in state["param_groups"]:  # saved before these options existed
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+        checked = self.__dict__.pop("_checked", None)
+        if checked is not None:  # from load_state_dict: the checked state replaces torch's cast to the parameter dtype
+            kept, self._skipped = checked
+            state["state"].update(kept)
+        super().__setstate__(state)
+        if "_skipped" not in self.__dict__:  # unpickled from before the count was pickled
+            self._skipped = torch.zeros((), dtype=torch.int64)
 
     # ---- the step -----------------------------------------------------------------------------------------
 
@@ -318,15 +321,23 @@ class Nero(torch.optim.Optimizer):
                 kernel(p.detach(), g, st["v"], st["step"], st["sigma"], spec, *s, flag)
 
     def _gather(self, group: dict[str, Any], offset: int):
+        """The group's parameters with a gradient, and the group as this step reads it (its lr as a scalar)."""
         params, grads, specs = [], [], []
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(f"Nero does not support sparse gradients: {_name(group, i, p, offset + i)}")
+            if p.is_meta:
+                raise RuntimeError(
+                    f"Nero cannot step {_name(group, i, p, offset + i)}: it is on the meta device, with no values "
+                    "(materialise the model first, e.g. with model.to_empty(device=...))"
+                )
             params.append(p)
             grads.append(p.grad)
             specs.append(_spec(p, group))
+        if params and isinstance(group["lr"], Tensor):
+            group = {**group, "lr": _step_lr(group["lr"], params[0].device)}
         return group, params, grads, specs
 
 
@@ -351,6 +362,13 @@ def _kernel(fn: Callable, fused: bool | None, spec: TensorSpec, device: torch.de
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
     return _COMPILED[fn]
+
+
+def _step_lr(lr: Tensor, device: torch.device) -> Tensor:
+    """A 1-element tensor lr as the 0-d tensor the kernels broadcast (a view of it, read where it lies: a CPU tensor
+    is a scalar to kernels on any device, without a sync); one on another accelerator is copied to ``device``."""
+    lr = lr.reshape(())
+    return lr if lr.device == device or lr.device.type == "cpu" else lr.to(device, non_blocking=True)
 
 
 def _native_fits(p: Tensor, g: Tensor, spec: TensorSpec) -> bool:
@@ -378,10 +396,41 @@ def _initial_state(p: Tensor, spec: TensorSpec) -> dict[str, Tensor]:
     dtype = compute_dtype(p.dtype)
     shape = tuple(p.shape) if spec.axis is None else (p.shape[spec.axis],)
     return {
-        "step": torch.zeros((), dtype=torch.float32, device=p.device),
+        "step": torch.zeros((), dtype=_get_scalar_dtype(), device=p.device),  # as torch's: float64 under float64
         "v": torch.zeros(shape, dtype=dtype, device=p.device),
         "sigma": torch.zeros((), dtype=dtype, device=p.device),
     }
+
+
+def _checked_load(opt: Nero, state_dict: dict[str, Any]) -> None:
+    """``Nero.load_state_dict``'s last pre-hook: check ``state_dict`` as torch will load it (saved ids in group
+    order to ``opt``'s parameters) and leave on ``opt`` the checked state in the compute dtype and the count of
+    skipped steps, for ``__setstate__``; raise before anything changes."""
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    for j, saved in enumerate(saved_groups):  # another optimizer's groups, even where it has no state yet
+        missing = _NERO_OPTIONS - set(saved)
+        if missing:
+            raise ValueError(
+                f"loaded state dict is not Nero's: its parameter group {j} lacks {sorted(missing)} "
+                "(a state dict of another optimizer?)"
+            )
+    kept, index = {}, 0
+    for group, saved in zip(opt.param_groups, saved_groups):
+        if len(group["params"]) != len(saved["params"]):
+            raise ValueError(
+                "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+            )
+        merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}  # what will be in force
+        _check_hyperparameters(merged)
+        for i, (p, key) in enumerate(zip(group["params"], saved["params"])):
+            name = _name(merged, i, p, index + i)
+            _check_param(p, merged, name)
+            if state_dict["state"].get(key):
+                kept[p] = _checked_state(p, state_dict["state"][key], _spec(p, merged), name)
+        index += len(group["params"])
+    opt._checked = (kept, _skipped_count(state_dict.get("skipped_steps", 0)))
 
 
 def _checked_state(p: Tensor, state: dict[str, Any], spec: TensorSpec, name: str) -> dict[str, Tensor]:
