@@ -1,6 +1,7 @@
 """Property-based checks of the adapters (hypothesis), as tests/test_core_properties.py does for the core:
-``nero_torch.Nero`` (foreach and core kernels) and ``nero_optax.nero`` (fused and core, jitted), over shapes 0-D to
-5-D with empty and size-1 axes, float16, bfloat16, float32 and float64, any neuron axis, and magnitudes.
+``nero_torch.Nero`` (foreach, core and fused kernels, both skip policies) and ``nero_optax.nero`` (fused and core,
+jitted), over shapes 0-D to 5-D with empty and size-1 axes, float16, bfloat16, float32 and float64, any neuron axis,
+and magnitudes.
 
 From finite inputs: no NaN or Inf in parameters or state, ever; neuron rows balanced (zero mean and unit norm, or an
 exactly zero row) once a step was taken; the state keeps its shapes and dtypes. Gradients span the dtype's whole
@@ -31,11 +32,15 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scope
 
 
 @st.composite
-def problems(draw):
+def problems(draw, dtypes=tuple(ROOM), axes=None):
+    """``axes``: the neuron axes to draw from (default: None or any axis of the shape)."""
     shape = draw(shapes)
     ndim = len(shape)
-    axis = draw(st.one_of(st.none(), st.integers(-ndim, ndim - 1))) if ndim else None
-    dtype = draw(st.sampled_from(list(ROOM)))
+    if not ndim:
+        axis = None
+    else:
+        axis = draw(st.sampled_from(axes) if axes else st.one_of(st.none(), st.integers(-ndim, ndim - 1)))
+    dtype = draw(st.sampled_from(list(dtypes)))
     p_exp = draw(st.integers(-ROOM[dtype], ROOM[dtype]))
     g_exp = draw(st.integers(-RANGE[dtype], RANGE[dtype]))
     seed = draw(st.integers(0, 2**16))
@@ -89,13 +94,30 @@ def test_core_properties_over_the_whole_gradient_range(backend, data):
         check_balanced(p, shape, axis, dtype)
 
 
-@settings(max_examples=40, **SETTINGS)
-@given(data=st.data(), foreach=st.sampled_from([None, False]))
-def test_torch_adapter_properties(data, foreach):
+TORCH_PATHS = {
+    "foreach": dict(),
+    "core": dict(foreach=False),
+    "fused": dict(fused=True),
+    "fused-neuron": dict(fused=True, skip_nonfinite="neuron"),
+    "foreach-neuron": dict(skip_nonfinite="neuron"),
+}
+
+
+@settings(max_examples=50, **SETTINGS)
+@given(data=st.data(), path=st.sampled_from(list(TORCH_PATHS)))
+def test_torch_adapter_properties(data, path):
+    """With ``skip_nonfinite="neuron"`` a neuron (row, or element of a bias-like tensor) whose gradient is not finite
+    keeps its weights: every step is counted in the step counts, and a row is balanced or, held back at every
+    step, still its initial row. ``fused=True`` draws float32/float64 with neurons on axis 0 (or none), the C
+    kernel's domain: elsewhere it compiles kernels per rank and dtype, too slow for this many examples
+    (tests/test_torch_fast_path.py compares those with the core rule)."""
     torch = pytest.importorskip("torch")
     import nero_torch
 
-    shape, axis, dtype, p_exp, g_exp, seed = data.draw(problems())
+    options = TORCH_PATHS[path]
+    held_back = options.get("skip_nonfinite") == "neuron"
+    fused = dict(dtypes=("float32", "float64"), axes=(None, 0)) if options.get("fused") else {}
+    shape, axis, dtype, p_exp, g_exp, seed = data.draw(problems(**fused))
     params, grads = draws(shape, p_exp, g_exp, seed)
     tdtype = getattr(torch, dtype)
     with np.errstate(over="ignore"):  # the cast to float16 of an out-of-range draw is not what is tested
@@ -103,7 +125,8 @@ def test_torch_adapter_properties(data, foreach):
         grads = [torch.from_numpy(g).to(tdtype) for g in grads]
     bias = torch.nn.Parameter(torch.linspace(-1, 1, 3, dtype=tdtype))  # one more tensor: a skip is for the set
     opt = nero_torch.Nero([{"params": [p], "neuron_axis": axis}, {"params": [bias], "neuron_axis": None}],
-                          foreach=foreach)
+                          **options)
+    initial = p.detach().to(torch.float64).numpy().copy()
     for g in grads:
         p.grad, bias.grad = g.clone(), torch.ones_like(bias)
         opt.step()
@@ -112,7 +135,12 @@ def test_torch_adapter_properties(data, foreach):
     assert p.dtype == tdtype and bool(torch.isfinite(p).all()) and bool(torch.isfinite(bias).all())
     if g_exp <= ROOM[dtype]:
         assert taken == STEPS
-    if taken:
+    if held_back:  # every step counted, rows balanced or never moved
+        for s in (opt.state[p], opt.state[bias]):
+            assert s["step"].item() == STEPS and all(bool(torch.isfinite(v).all()) for v in s.values())
+        assert tuple(opt.state[p]["v"].shape) == state_shape and str(opt.state[p]["v"].dtype) == f"torch.{state_dtype}"
+        check_balanced_or_initial(p.detach().to(torch.float64).numpy(), initial, shape, axis, dtype)
+    elif taken:
         for s in (opt.state[p], opt.state[bias]):
             assert s["step"].item() == taken and all(bool(torch.isfinite(v).all()) for v in s.values())
         state = opt.state[p]
@@ -121,6 +149,16 @@ def test_torch_adapter_properties(data, foreach):
         check_balanced(p.detach().to(torch.float64).numpy(), shape, axis, dtype)
     else:
         assert len(opt.state) == 0  # every step skipped, from the first: no state was created
+
+
+def check_balanced_or_initial(p, initial, shape, axis, dtype) -> None:
+    """Every neuron row of ``p`` is balanced, or exactly its ``initial`` row (held back at every step)."""
+    resolved = nero_core.neuron_axes([shape], axis)[0]
+    if resolved is None or p.size == 0:
+        return
+    rows, before = (np.moveaxis(x, resolved, 0).reshape(shape[resolved], -1) for x in (p, initial))
+    moved = ~np.all(rows == before, axis=1)
+    check_balanced(rows[moved], rows[moved].shape, 0, dtype)
 
 
 @settings(max_examples=16, **SETTINGS)

@@ -113,6 +113,39 @@ def test_schedulers_drive_the_step_size(schedule, tensor_lr):
         torch.testing.assert_close(p, q)
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+@pytest.mark.parametrize("fast", [dict(foreach=False), dict(), dict(fused=True)], ids=["core", "foreach", "fused"])
+def test_a_one_element_tensor_lr_of_any_shape_steps_as_its_float(shape, fast):
+    """A 0-d parameter beside a bias and a weight (a (1,) lr once broadcast the 0-d update to (1,) and failed), with
+    a scheduler changing the tensor in place: the same steps as the float lr."""
+    results = []
+    for lr in (2.0**-6, torch.full(shape, 2.0**-6)):  # exact in float32, as the schedule's halvings
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(s)) for s in ((), (3,), (3, 4))]
+        opt = nero_torch.Nero(params, lr=lr, **fast)
+        scheduler = lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        for step in range(5):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + i))
+            opt.step()
+            scheduler.step()
+        if isinstance(lr, torch.Tensor):  # the user's tensor is read, never replaced
+            assert opt.param_groups[0]["lr"] is lr
+        results.append([p.detach().clone() for p in params])
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_a_cpu_tensor_lr_is_read_in_place_for_parameters_on_another_device():
+    """A CPU lr with CUDA parameters stays a 0-d CPU tensor, a view of the user's (no copy, no device sync; kernels
+    read a CPU scalar on any device): checked on the step's normalisation itself, as this machine has no GPU."""
+    from nero_torch._optimizer import _step_lr
+
+    lr = torch.tensor([[0.01]])
+    read = _step_lr(lr, torch.device("cuda"))
+    assert read.shape == () and read.device.type == "cpu" and read.data_ptr() == lr.data_ptr()
+
+
 # ---- GradScaler -----------------------------------------------------------------------------------------------
 
 
@@ -170,6 +203,41 @@ def test_compiled_training_step_matches_eager_and_does_not_recompile_on_new_lr(t
             assert counter.frame_count - frames <= (0 if tensor_lr else 1)
     for p, q in zip(*results):
         torch.testing.assert_close(p, q)
+
+
+def test_a_whole_training_step_compiled_by_inductor_matches_eager():
+    """Model, loss, backward and opt.step() in one torch.compile with its default backend, inductor (generated C++
+    kernels, not just tracing): the same parameters, state and skip count as eager, to float32 rounding, over steps
+    that include a non-finite one; Nero's step compiles into inductor graphs once."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    x, poisoned = torch.randn(5, 6), torch.full((5, 6), float("inf"))
+    runs = []
+    for compiled in (False, True):
+        model = make_model()
+        opt = two_group_optimizer(model, lr=torch.tensor(0.01))
+        counter = CompileCounterWithBackend("inductor")
+
+        def train_step(inputs):
+            opt.zero_grad()
+            backward(model, inputs)
+            opt.step()
+
+        run = torch.compile(train_step, backend=counter) if compiled else train_step
+        train_step(x)  # the first step initialises state (the core rule) eagerly, in both runs
+        for i in range(4):
+            if i == 2:
+                frames = counter.frame_count
+            run(poisoned if i == 1 else x)
+        runs.append((model, opt))
+        if compiled:
+            assert frames > 0 and counter.frame_count == frames  # compiled, and no recompile after the first steps
+    (eager, eager_opt), (inductor, inductor_opt) = runs
+    assert inductor_opt.skipped_steps == eager_opt.skipped_steps == 1
+    for p, q in zip(eager.parameters(), inductor.parameters()):
+        torch.testing.assert_close(q, p)
+        for key in ("v", "sigma", "step"):
+            torch.testing.assert_close(inductor_opt.state[q][key], eager_opt.state[p][key])
 
 
 # ---- param_groups -------------------------------------------------------------------------------------------
