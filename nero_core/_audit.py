@@ -14,6 +14,7 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass
+from types import FrameType
 
 from ._neurons import neuron_axis_of
 
@@ -83,10 +84,10 @@ def suspicions(row: Role, own_name: str) -> dict[str, str]:
     """What looks like a mistake in ``row``, by kind, each with the reason (no fix: the adapters add theirs).
     ``own_name`` is the tensor's own name, the last part of its path (``"bias"`` for ``"attn.q.bias"``).
 
-    The most specific kind comes first. Kinds: ``one_neuron`` (a constrained tensor whose neurons number one: its whole scale is fixed),
+    Kinds, the most specific first: ``positional`` (named like a positional embedding, with its neurons on
+    another axis than its first axis longer than 1, the positions), ``bias`` (a neuron tensor named like a bias),
     ``kernel_axis`` (the neuron axis of a convolution kernel is as short as a kernel size, where a channel axis is
-    longer), ``bias`` (a neuron tensor named like a bias), ``positional`` (a neuron tensor named like a
-    positional embedding whose neuron axis is not its first axis longer than 1, the positions).
+    longer), ``one_neuron`` (a constrained tensor with one neuron: its whole scale is fixed).
     """
     if row.neuron_axis is None:
         return {}
@@ -130,11 +131,10 @@ def warning_text(row: Role, found: dict[str, str], fix: str) -> str:
 def warn_from_user_code(message: str, packages: tuple[str, ...]) -> None:
     """A :class:`ConfigWarning` shown at the user's line: the first frame outside the named (imported) packages
     and nero_core, so that Python's default filter shows it once per line and tensor."""
-    here = tuple(
-        os.path.dirname(sys.modules[name].__file__) + os.sep
-        for name in (*packages, __name__.split(".")[0]) if getattr(sys.modules.get(name), "__file__", None)
-    )
-    frame, level = sys._getframe(1), 2  # stacklevel 2 is the frame that called this one
+    files = [getattr(sys.modules.get(name), "__file__", None) for name in (*packages, __name__.split(".")[0])]
+    here = tuple(os.path.dirname(file) + os.sep for file in files if file)
+    frame: FrameType | None = sys._getframe(1)
+    level = 2  # stacklevel 2 is the frame that called this one
     while frame is not None and frame.f_code.co_filename.startswith(here):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, ConfigWarning, stacklevel=level)

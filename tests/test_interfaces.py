@@ -48,11 +48,11 @@ def test_a_schedule_gives_the_steps_of_its_values(make, name):
     scheduled = make(nero_optax, schedule)
     state, expected_state = scheduled.init(params), scheduled.init(params)
     step = jax.jit(scheduled.update)
+    fixed_step = jax.jit(lambda value, *args: make(nero_optax, value).update(*args))  # the value as a 0-d array
     for k in range(4):
         grads = _tree(jnp, seed=k + 1)
         updates, state = step(grads, state, params)
-        fixed = make(nero_optax, float(schedule(k)))
-        expected, expected_state = jax.jit(fixed.update)(grads, expected_state, params)
+        expected, expected_state = fixed_step(schedule(k), grads, expected_state, params)
         for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-15)
         params = optax.apply_updates(params, updates)

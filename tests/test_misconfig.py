@@ -94,14 +94,18 @@ def test_describe_a_model_and_an_optimizer(capsys):
     by_name = {r.name: r for r in rows}
     assert len(rows) == 7 and "why" in table.splitlines()[0] and "conv.weight" in table
     conv = by_name["conv.weight"]
-    assert (conv.shape, conv.role, conv.neuron_axis, conv.neurons, conv.fan_in) == ((8, 3, 3, 3), "neuron tensor", 0, 8, 27)
+    assert (conv.shape, conv.role, conv.neuron_axis, conv.neurons, conv.fan_in) == (
+        (8, 3, 3, 3), "neuron tensor", 0, 8, 27
+    )
     assert "Conv2d" in conv.why
     head = by_name["head.weight"]
     assert (head.role, head.neurons, head.fan_in) == ("unconstrained", 3, 4) and "unconstrained" in head.why
     assert by_name["fc.bias"].role == "bias-like" and by_name["fc.bias"].neurons is None
     opt = nero_torch.Nero(nero_torch.param_groups(Net(), unconstrained=["head"]))
     rows = nero_torch.describe(opt)
-    assert {r.name: (r.role, r.neuron_axis) for r in rows} == {r.name: (r.role, r.neuron_axis) for r in by_name.values()}
+    assert {r.name: (r.role, r.neuron_axis) for r in rows} == {
+        r.name: (r.role, r.neuron_axis) for r in by_name.values()
+    }
     plain = nero_torch.describe(nero_torch.Nero(Net().parameters()))
     assert plain[0].name == "params[0]" and plain[0].why == "group 0: neuron_axis=0"
 

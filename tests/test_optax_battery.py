@@ -91,8 +91,12 @@ def test_preserve_dtype(opt_name, dtype):
     test(case, opt_name=opt_name, opt_kwargs=OPTIMIZERS[opt_name][1], dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64], ids=lambda d: d.__name__)
-@pytest.mark.parametrize("opt_name", ONE_TENSOR)
+@pytest.mark.parametrize(
+    "opt_name, dtype",
+    [("nero", d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)]
+    + [("star", jnp.bfloat16), ("star", jnp.float64)],  # STAR's state follows the same compute-dtype rule
+    ids=lambda x: getattr(x, "__name__", x),
+)
 def test_state_shape_dtype_shard_stability(opt_name, dtype):
     test, case = battery_test("test_state_shape_dtype_shard_stability")
     test(case, opt_name=opt_name, opt_kwargs=OPTIMIZERS[opt_name][1], dtype=dtype)

@@ -18,8 +18,8 @@ import optax
 import nero_core
 
 __all__ = [
-    "NeuronAxisTree", "check_floating", "check_shapes", "flax_neuron_axis", "flax_rule", "leaf_name", "leaf_neuron_axes",
-    "leaf_settings",
+    "NeuronAxisTree", "check_floating", "check_shapes", "flax_neuron_axis", "flax_rule", "leaf_name",
+    "leaf_neuron_axes", "leaf_settings",
 ]
 
 NeuronAxisTree = Union[int, None, Any, Callable[[tuple[Any, ...], Any], Union[int, None]]]

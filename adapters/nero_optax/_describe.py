@@ -15,7 +15,9 @@ from ._axes import NeuronAxisTree, _is_function, flax_neuron_axis, flax_rule, le
 __all__ = ["describe", "warn_suspicious"]
 
 
-def describe(params: Any, neuron_axis: NeuronAxisTree = -1, *, centre: bool = True, normalise: bool = True) -> list[Role]:
+def describe(
+    params: Any, neuron_axis: NeuronAxisTree = -1, *, centre: bool = True, normalise: bool = True
+) -> list[Role]:
     """Print and return one row per leaf of ``params``: name (its key path), shape, role (neuron tensor,
     bias-like, unconstrained), neuron axis, neuron count, fan-in, and why; for the ``neuron_axis``, ``centre``
     and ``normalise`` given to :func:`nero_optax.nero`. ``params`` may hold ``jax.ShapeDtypeStruct`` leaves."""

@@ -43,7 +43,7 @@ def _model_roles(
 ) -> list[Role]:
     rows = []
     for c in choices(model, unconstrained, neuron_axes or {}):
-        why = c.why + ("; named in unconstrained" if c.free else "")
+        why = c.why + ("; named in unconstrained" if c.free and c.axis is not None else "")
         constrained = not c.free and (centre or normalise)
         rows.append(role_of(c.name, tuple(c.param.shape), c.axis, constrained=constrained, why=why))
     return rows
@@ -91,8 +91,4 @@ def warn_suspicious(group: dict[str, Any], offset: int) -> None:
         if found:
             module = name.rsplit(".", 1)[0] if "." in name else name
             fix = _FIXES[next(iter(found))].format(name=name, module=module, positions=positions_axis(row.shape))
-            _warn(warning_text(row, found, fix))
-
-
-def _warn(message: str) -> None:
-    warn_from_user_code(message, ("torch", "nero_torch"))
+            warn_from_user_code(warning_text(row, found, fix), ("torch", "nero_torch"))
