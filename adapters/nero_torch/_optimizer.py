@@ -161,12 +161,42 @@ class Nero(torch.optim.Optimizer):
         without ``maximize``, ``foreach`` or ``fused`` gets their defaults, as torch's optimizers fill them.
         """
         # Registered last, so that it checks what the user's pre-hooks leave; torch's loading then goes on.
-        handle = self.register_load_state_dict_pre_hook(_checked_load)
+        handle = self.register_load_state_dict_pre_hook(self._check_loading)
         try:
             super().load_state_dict(state_dict)
         finally:
             handle.remove()
             self.__dict__.pop("_checked", None)
+
+    def _check_loading(self, _optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+        """``load_state_dict``'s last pre-hook: check ``state_dict`` as torch will load it (saved ids in group order
+        to this optimizer's parameters) and keep the checked state in the compute dtype and the count of skipped
+        steps for ``__setstate__``; raise before anything changes."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for j, saved in enumerate(saved_groups):  # another optimizer's groups, even where it has no state yet
+            missing = _NERO_OPTIONS - set(saved)
+            if missing:
+                raise ValueError(
+                    f"loaded state dict is not Nero's: its parameter group {j} lacks {sorted(missing)} "
+                    "(a state dict of another optimizer?)"
+                )
+        kept, index = {}, 0
+        for group, saved in zip(self.param_groups, saved_groups):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+                )
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}  # what will be in force
+            _check_hyperparameters(merged)
+            for i, (p, key) in enumerate(zip(group["params"], saved["params"])):
+                name = _name(merged, i, p, index + i)
+                _check_param(p, merged, name)
+                if state_dict["state"].get(key):
+                    kept[p] = _checked_state(p, state_dict["state"][key], _spec(p, merged), name)
+            index += len(group["params"])
+        self._checked = (kept, _skipped_count(state_dict.get("skipped_steps", 0)))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_skipped": self._skipped, "_skip_mode": self._skip_mode}
@@ -400,37 +430,6 @@ def _initial_state(p: Tensor, spec: TensorSpec) -> dict[str, Tensor]:
         "v": torch.zeros(shape, dtype=dtype, device=p.device),
         "sigma": torch.zeros((), dtype=dtype, device=p.device),
     }
-
-
-def _checked_load(opt: Nero, state_dict: dict[str, Any]) -> None:
-    """``Nero.load_state_dict``'s last pre-hook: check ``state_dict`` as torch will load it (saved ids in group
-    order to ``opt``'s parameters) and leave on ``opt`` the checked state in the compute dtype and the count of
-    skipped steps, for ``__setstate__``; raise before anything changes."""
-    saved_groups = state_dict["param_groups"]
-    if len(saved_groups) != len(opt.param_groups):
-        raise ValueError("loaded state dict has a different number of parameter groups")
-    for j, saved in enumerate(saved_groups):  # another optimizer's groups, even where it has no state yet
-        missing = _NERO_OPTIONS - set(saved)
-        if missing:
-            raise ValueError(
-                f"loaded state dict is not Nero's: its parameter group {j} lacks {sorted(missing)} "
-                "(a state dict of another optimizer?)"
-            )
-    kept, index = {}, 0
-    for group, saved in zip(opt.param_groups, saved_groups):
-        if len(group["params"]) != len(saved["params"]):
-            raise ValueError(
-                "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
-            )
-        merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}  # what will be in force
-        _check_hyperparameters(merged)
-        for i, (p, key) in enumerate(zip(group["params"], saved["params"])):
-            name = _name(merged, i, p, index + i)
-            _check_param(p, merged, name)
-            if state_dict["state"].get(key):
-                kept[p] = _checked_state(p, state_dict["state"][key], _spec(p, merged), name)
-        index += len(group["params"])
-    opt._checked = (kept, _skipped_count(state_dict.get("skipped_steps", 0)))
 
 
 def _checked_state(p: Tensor, state: dict[str, Any], spec: TensorSpec, name: str) -> dict[str, Tensor]:
