@@ -50,11 +50,12 @@ def kernel_steps(monkeypatch) -> list[int]:
     return calls
 
 
-def steady_state(p: torch.nn.Parameter, v: np.ndarray, t: int, **options) -> nero_torch.Nero:
-    """``Nero(fused=True)`` over ``p`` as after ``t`` updates, with state ``v`` and ``sigma`` 1."""
-    opt = nero_torch.Nero([p], fused=True, **options)
-    opt.state[p] = {"step": torch.tensor(float(t)), "v": torch.tensor(v, dtype=p.dtype),
-                    "sigma": torch.ones((), dtype=p.dtype)}
+def steady_state(params: list[torch.nn.Parameter], vs: list[np.ndarray], t: int, **options) -> nero_torch.Nero:
+    """``Nero(fused=True)`` over ``params`` as after ``t`` updates, with states ``vs`` and ``sigma`` 1."""
+    opt = nero_torch.Nero(params, fused=True, **options)
+    for p, v in zip(params, vs):
+        opt.state[p] = {"step": torch.tensor(float(t)), "v": torch.tensor(v, dtype=p.dtype),
+                        "sigma": torch.ones((), dtype=p.dtype)}
     return opt
 
 
@@ -63,7 +64,7 @@ def kernel_step(w: np.ndarray, g: np.ndarray, v: np.ndarray, dtype: torch.dtype,
     """One steady-state step of ``Nero(fused=True)`` from ``t`` updates taken, ``v`` and ``sigma`` 1: the new
     parameter and ``v``."""
     p = torch.nn.Parameter(torch.tensor(w, dtype=dtype))
-    opt = steady_state(p, v, t, lr=lr, **options)
+    opt = steady_state([p], [v], t, lr=lr, **options)
     p.grad = torch.tensor(g, dtype=dtype)
     opt.step()
     return p.detach(), opt.state[p]["v"]
@@ -136,36 +137,40 @@ def test_crafted_rows_with_one_constraint_or_none(options, kernel_steps):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_threaded_branch_matches_the_core_rule_and_the_single_thread_bits(dtype, kernel_steps):
-    """A tensor over the kernel's threading threshold (65536 elements) runs its rows on two threads: 5 steps
+def test_threads_match_the_core_rule_and_the_single_thread_bits(dtype, kernel_steps):
+    """A step over the kernel's threading threshold (65536 elements) runs on two threads, each taking a block of
+    every large tensor's rows (here a neuron tensor and a bias-like one) and the small tensors whole: 5 steps
     against the reference, and bit for bit what one thread gives (each row's arithmetic does not depend on which
     thread takes it)."""
     rng = np.random.default_rng(1)
-    shape = (301, 257)  # 77357 elements; 257 = whole vectors and a tail
-    w = balanced(rng.standard_normal(shape))
-    grads = [rng.standard_normal(shape) * 10.0 ** -rng.integers(2, 5) for _ in range(5)]
+    shapes = [(301, 257), (5, 7), (70001,), (64, 33), (9,)]  # 257 = whole vectors and a tail
+    start = [balanced(rng.standard_normal(s)) if len(s) == 2 else rng.standard_normal(s) for s in shapes]
     np_dtype = np.float32 if dtype == torch.float32 else np.float64
-    ref = ReferenceNero([shape], [0])
-    ref.t, ref.v, ref.sigma = [1], [np.zeros(shape[0])], [1.0]
+    grads = [[(rng.standard_normal(s) * 10.0 ** -rng.integers(2, 5)).astype(np_dtype) for s in shapes]
+             for _ in range(5)]
     runs = {}
     for threads in (2, 1):
-        p = torch.nn.Parameter(torch.tensor(w, dtype=dtype))
-        opt = steady_state(p, np.zeros(shape[0]), 1)
+        params = [torch.nn.Parameter(torch.tensor(w, dtype=dtype)) for w in start]
+        opt = steady_state(params, [np.zeros(s[:1]) for s in shapes], 1)
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            for g in grads:
-                p.grad = torch.tensor(g.astype(np_dtype))
+            for step_grads in grads:
+                for p, g in zip(params, step_grads):
+                    p.grad = torch.from_numpy(g)
                 opt.step()
         finally:
             torch.set_num_threads(before)
-        runs[threads] = p.detach().clone()
-    expected = torch.from_numpy(w)
-    for g in grads:
-        expected = torch.from_numpy(ref.step([expected.numpy()], [g.astype(np_dtype)])[0])
+        runs[threads] = [p.detach().clone() for p in params]
+    ref = ReferenceNero(shapes, [0] * len(shapes))
+    ref.t, ref.v, ref.sigma = [1] * len(shapes), [np.zeros(s[:1]) for s in shapes], [1.0] * len(shapes)
+    expected = start
+    for step_grads in grads:
+        expected = ref.step(expected, step_grads)
     assert len(kernel_steps) == 10
-    torch.testing.assert_close(runs[2].double(), expected, rtol=0, atol=TOLERANCE[dtype] * 5)
-    assert torch.equal(runs[2], runs[1])
+    for got, one_thread, want in zip(runs[2], runs[1], expected):
+        np.testing.assert_allclose(got.double().numpy(), want, rtol=0, atol=TOLERANCE[dtype] * 5)
+        assert torch.equal(got, one_thread)
 
 
 def _cpu_flags() -> set[str]:

@@ -23,6 +23,9 @@
  */
 #include <math.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* The vectors' width: 256 bits wherever there is AVX. A vector type wider than the registers (64 bytes on AVX2)
  * makes GCC spill every accumulator to the stack at each add; and where AVX-512 is there too, 512-bit vectors
@@ -68,7 +71,8 @@
  * at 1.2x SGD's time, 1.0x with this). */
 #define CACHE_LINE 64
 #define PREFETCH_AHEAD 2048
-/* Tensors smaller than this run on one thread: starting the others would cost more than it saves. */
+/* Tensors smaller than this are taken whole by one thread (and a step this small altogether by the caller's):
+ * sharing them would cost more than it saves. */
 #define PARALLEL_ELEMENTS 65536
 
 /* Rows are written a block at a time, the next block's sums taken meanwhile: at least this many elements per
@@ -78,6 +82,31 @@
 static inline int64_t block_rows(int64_t k) {
     const int64_t rows = BLOCK_ELEMENTS / k;
     return rows < 1 ? 1 : rows > MAX_BLOCK_ROWS ? MAX_BLOCK_ROWS : rows;
+}
+
+/* One team of threads takes a whole pass over every tensor, without waiting for each other between tensors (rows
+ * are independent): each thread takes a contiguous block of every large tensor's rows, and small tensors whole,
+ * in turn. Where the tensors are small altogether, the caller's thread does it all. */
+static int team(int64_t count, const int64_t *rows, const int64_t *cols, int threads) {
+    int64_t size = 0;
+    for (int64_t t = 0; t < count; ++t) size += rows[t] * cols[t];
+    return threads > 1 && size > PARALLEL_ELEMENTS ? threads : 1;
+}
+
+/* The rows [r0, r1) of tensor t (n rows of k) that this thread of its team takes. */
+static void my_rows(int64_t t, int64_t n, int64_t k, int64_t *r0, int64_t *r1) {
+#ifdef _OPENMP
+    const int part = omp_get_thread_num(), parts = omp_get_num_threads();
+#else
+    const int part = 0, parts = 1;
+#endif
+    if (n * k > PARALLEL_ELEMENTS) {
+        *r0 = n * part / parts;
+        *r1 = n * (part + 1) / parts;
+    } else {
+        *r0 = 0;
+        *r1 = t % parts == part ? n : 0;
+    }
 }
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -210,7 +239,6 @@ static inline int64_t block_rows(int64_t k) {
     typedef struct {                                                                                                \
         T *p, *v;                                                                                                   \
         const T *g;                                                                                                 \
-        float *step;                                                                                                \
         int64_t n, k;                                                                                               \
         int centre, normalise;                                                                                      \
         T beta, decay; /* T variables: GCC 12's OpenMP outlining dropped the rounding of (double)(T)x */            \
@@ -230,11 +258,10 @@ static inline int64_t block_rows(int64_t k) {
         x.decay = (T)(1.0 - betas[t]);                                                                              \
         if (p_ptrs) {                                                                                               \
             x.p = (T *)(intptr_t)p_ptrs[t];                                                                         \
-            x.step = (float *)(intptr_t)step_ptrs[t];                                                               \
             x.centre = (flags[t] & CENTRE) != 0;                                                                    \
             x.normalise = (flags[t] & NORMALISE) != 0;                                                              \
             x.scale_lr = lrs[t] * (double)*(const T *)(intptr_t)sigma_ptrs[t];                                      \
-            x.correction = 1.0 - pow(x.beta, (double)*x.step + 1.0);                                                \
+            x.correction = 1.0 - pow(x.beta, (double)*(const float *)(intptr_t)step_ptrs[t] + 1.0);                 \
         }                                                                                                           \
         return x;                                                                                                   \
     }                                                                                                               \
@@ -282,14 +309,14 @@ static inline int64_t block_rows(int64_t k) {
         return skipped;                                                                                             \
     }                                                                                                               \
                                                                                                                     \
-    /* A bias-like tensor, elementwise in vector lanes; returns how many elements kept their value and v. */        \
-    static int64_t update_elements_##SUF(const tensor_##SUF *x) {                                                   \
+    /* Elements [r0, r1) of a bias-like tensor, in vector lanes; returns how many kept their value and v. */         \
+    static int64_t update_elements_##SUF(const tensor_##SUF *x, int64_t r0, int64_t r1) {                           \
         const T scale_lr = (T)x->scale_lr, correction = (T)x->correction, beta = x->beta, decay = x->decay;         \
         T *restrict p = x->p, *restrict v = x->v;                                                                   \
         const T *restrict g = x->g;                                                                                 \
         int64_t skipped = 0;                                                                                        \
         _Pragma("omp simd reduction(+ : skipped)")                                                                  \
-        for (int64_t r = 0; r < x->n; ++r) {                                                                        \
+        for (int64_t r = r0; r < r1; ++r) {                                                                         \
             const T d = g[r], v_row = new_v_##SUF(v[r], d * d, beta, decay);                                        \
             if (isfinite(v_row)) {                                                                                  \
                 v[r] = v_row;                                                                                       \
@@ -301,55 +328,53 @@ static inline int64_t block_rows(int64_t k) {
         return skipped;                                                                                             \
     }                                                                                                               \
                                                                                                                     \
-    /* How many threads share a tensor's rows, each taking a contiguous block of them. */                           \
-    static int parts_##SUF(const tensor_##SUF *x, int threads) {                                                    \
-        return x->n * x->k > PARALLEL_ELEMENTS && x->n >= threads ? threads : 1;                                    \
-    }                                                                                                               \
-                                                                                                                    \
     int nero_check_##SUF(int64_t count, const int64_t *g_ptrs, const int64_t *v_ptrs, const int64_t *rows,          \
                          const int64_t *cols, const double *betas, int threads) {                                   \
         int finite = 1;                                                                                             \
-        /* last tensor first: the pass that follows starts with the first, whose gradient is then the               \
-           likeliest cached */                                                                                      \
-        for (int64_t t = count - 1; t >= 0; --t) {                                                                  \
-            const tensor_##SUF x = tensor_at_##SUF(t, 0, g_ptrs, v_ptrs, 0, 0, rows, cols, 0, 0, betas);            \
-            const int64_t k = x.k;                                                                                  \
-            if (k == 1) { /* bias-like */                                                                           \
-                _Pragma("omp simd reduction(&& : finite)")                                                          \
-                for (int64_t r = 0; r < x.n; ++r)                                                                   \
-                    finite = finite && isfinite(new_v_##SUF(x.v[r], x.g[r] * x.g[r], x.beta, x.decay));             \
-                continue;                                                                                           \
+        const int parts = team(count, rows, cols, threads);                                                         \
+        _Pragma("omp parallel num_threads(parts) reduction(&& : finite) if(parts > 1)")                             \
+        {                                                                                                           \
+            /* last tensor first: the pass that follows starts with the first, whose gradient is then the           \
+               likeliest cached */                                                                                  \
+            for (int64_t t = count - 1; t >= 0; --t) {                                                              \
+                const tensor_##SUF x = tensor_at_##SUF(t, 0, g_ptrs, v_ptrs, 0, 0, rows, cols, 0, 0, betas);        \
+                const int64_t k = x.k;                                                                              \
+                int64_t r0, r1;                                                                                     \
+                my_rows(t, x.n, k, &r0, &r1);                                                                       \
+                if (k == 1) { /* bias-like */                                                                       \
+                    _Pragma("omp simd reduction(&& : finite)")                                                      \
+                    for (int64_t r = r0; r < r1; ++r)                                                               \
+                        finite = finite && isfinite(new_v_##SUF(x.v[r], x.g[r] * x.g[r], x.beta, x.decay));         \
+                } else {                                                                                            \
+                    for (int64_t r = r0; r < r1; ++r)                                                               \
+                        finite = finite && isfinite(new_v_##SUF(x.v[r], row_sums_##SUF(0, x.g + r * k, k, 0).gg,    \
+                                                                x.beta, x.decay));                                  \
+                }                                                                                                   \
             }                                                                                                       \
-            const int parts = parts_##SUF(&x, threads);                                                             \
-            _Pragma("omp parallel for num_threads(parts) schedule(static) reduction(&& : finite) if(parts > 1)")   \
-            for (int part = 0; part < parts; ++part)                   \
-                for (int64_t r = x.n * part / parts; r < x.n * (part + 1) / parts; ++r)                         \
-                    finite = finite && isfinite(new_v_##SUF(x.v[r], row_sums_##SUF(0, x.g + r * k, k, 0).gg,        \
-                                                            x.beta, x.decay));                                      \
         }                                                                                                           \
         return finite;                                                                                              \
     }                                                                                                               \
                                                                                                                     \
-    /* The step of every tensor, each thread taking a contiguous block of rows; rows whose new v is not finite      \
-       keep their weights and v (none, after a passing nero_check). Returns how many rows that was. */              \
+    /* The step of every tensor; rows whose new v is not finite keep their weights and v (none, after a passing     \
+       nero_check). Returns how many rows that was. */                                                              \
     int64_t nero_step_##SUF(int64_t count, const int64_t *p_ptrs, const int64_t *g_ptrs, const int64_t *v_ptrs,     \
                             const int64_t *sigma_ptrs, const int64_t *step_ptrs, const int64_t *rows,               \
                             const int64_t *cols, const int64_t *flags, const double *lrs, const double *betas,      \
                             int threads) {                                                                          \
         int64_t skipped = 0;                                                                                        \
+        const int parts = team(count, rows, cols, threads);                                                         \
+        _Pragma("omp parallel num_threads(parts) reduction(+ : skipped) if(parts > 1)")                             \
         for (int64_t t = 0; t < count; ++t) {                                                                       \
             const tensor_##SUF x = tensor_at_##SUF(t, p_ptrs, g_ptrs, v_ptrs, sigma_ptrs, step_ptrs, rows, cols,    \
                                                    flags, lrs, betas);                                              \
-            if (x.k == 1 && !x.centre && !x.normalise) {                                                            \
-                skipped += update_elements_##SUF(&x);                                                               \
-            } else {                                                                                                \
-                const int parts = parts_##SUF(&x, threads);                                                         \
-                _Pragma("omp parallel for num_threads(parts) schedule(static) reduction(+ : skipped) if(parts > 1)") \
-                for (int part = 0; part < parts; ++part)                                                            \
-                    skipped += update_rows_##SUF(&x, x.n * part / parts, x.n * (part + 1) / parts);                 \
-            }                                                                                                       \
-            *x.step += 1.0f;                                                                                        \
+            int64_t r0, r1;                                                                                         \
+            my_rows(t, x.n, x.k, &r0, &r1);                                                                         \
+            if (x.k == 1 && !x.centre && !x.normalise)                                                              \
+                skipped += update_elements_##SUF(&x, r0, r1);                                                       \
+            else                                                                                                    \
+                skipped += update_rows_##SUF(&x, r0, r1);                                                           \
         }                                                                                                           \
+        for (int64_t t = 0; t < count; ++t) *(float *)(intptr_t)step_ptrs[t] += 1.0f;                               \
         return skipped;                                                                                             \
     }
 
