@@ -35,6 +35,19 @@ def test_verdicts_fail_only_past_the_threshold_and_name_both_ratios() -> None:
         "steady: ratio 2.000 before, 2.100 after (+5.0%; fails above +1%)"]
 
 
+def test_the_steadier_of_a_cases_two_ratios_decides() -> None:
+    """A slower Nero step raises both ratios alike: the one with the lower threshold decides, the other is shown."""
+    adam, sgd = NAME, NAME.replace("track_x_adam", "track_x_sgd")
+    limits = {adam: 0.20, sgd: 0.60}
+    assert gate.deciding([adam, sgd, "other"], limits, default=0.30) == {adam, "other"}
+    noisy_sgd = {"before": {adam: [0.50], sgd: [1.0]}, "after": {adam: [0.55], sgd: [1.8]}}
+    lines, failures = gate.verdicts(noisy_sgd, limits, default=0.30)
+    assert failures == [] and any(line.startswith(f"  info     {sgd}: ratio 1.000 before, 1.800 after") for line in lines)
+    slower = {"before": {adam: [0.50], sgd: [1.0]}, "after": {adam: [0.70], sgd: [1.4]}}
+    assert gate.verdicts(slower, limits, default=0.30)[1] == [
+        f"{adam}: ratio 0.500 before, 0.700 after (+40.0%; fails above +20%)"]
+
+
 def test_thresholds_are_three_spreads_and_at_least_the_floor(tmp_path: Path) -> None:
     spread = tmp_path / "spread.json"
     spread.write_text('{"rows": [{"benchmark": "a", "cv": 0.02}, {"benchmark": "b", "cv": 0.10}]}')
