@@ -86,7 +86,8 @@ static inline int64_t block_rows(int64_t k) {
 
 /* One team of threads takes a whole pass over every tensor, without waiting for each other between tensors (rows
  * are independent): each thread takes a contiguous block of every large tensor's rows, and small tensors whole,
- * in turn. Where the tensors are small altogether, the caller's thread does it all. */
+ * in turn. (A join per tensor would make each tensor wait for the slowest thread: on a machine shared with other
+ * work, often one that waits for a core.) Where the tensors are small altogether, the caller's thread does it all. */
 static int team(int64_t count, const int64_t *rows, const int64_t *cols, int threads) {
     int64_t size = 0;
     for (int64_t t = 0; t < count; ++t) size += rows[t] * cols[t];
