@@ -36,6 +36,8 @@ def with_head_sigma(sigma: float | None):
     core's own rule), by wrapping its neuron update: a measurement aid, not a change of the rule."""
     if sigma is None:
         return lambda: None
+    if not hasattr(core_nero, "_with_floor"):
+        raise RuntimeError("--head-sigma wraps the core rule as it was at 037d666; this core has no _with_floor")
     update, floor = core_nero._update_neurons, core_nero._with_floor
     inside = {"neuron": False}
 
