@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace, is_array_api_obj
-from array_api_compat import device as device_of
+from array_api_compat import device as _compat_device
 
 __all__ = [
     "Optimizer",
@@ -17,6 +17,7 @@ __all__ = [
     "check_hyperparameter",
     "check_params",
     "compute_dtype",
+    "device_of",
     "namespace_of",
     "zeros_beside",
 ]
@@ -62,6 +63,15 @@ def _torch_namespace(arrays: Sequence[Any]) -> Any:
     from array_api_compat import torch as xp
 
     return xp
+
+
+def device_of(x: Any) -> Any:
+    """The device of an array, as ``array_api_compat.device``; a torch tensor's read directly, because
+    ``torch.compile`` traces array_api_compat's cached helpers with a warning for each."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.device
+    return _compat_device(x)
 
 
 def _is_real_floating(xp: Any, dtype: Any) -> bool:
