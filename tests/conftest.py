@@ -24,6 +24,14 @@ if importlib.util.find_spec("jax") is not None:
     jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_platforms", "cpu")
 
+# The Triton kernels' tests (test_torch_triton.py) run them on CPU tensors in Triton's interpreter, which must be on
+# before triton.language is imported (torch._dynamo imports it): for the whole session, where torch has no CUDA.
+if "TRITON_INTERPRET" not in os.environ and importlib.util.find_spec("torch") is not None:
+    import torch
+
+    if torch.version.cuda is None:
+        os.environ["TRITON_INTERPRET"] = "1"
+
 
 @dataclass(frozen=True)
 class Backend:

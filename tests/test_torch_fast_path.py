@@ -51,14 +51,14 @@ MODELS = {
 }
 
 
-def train(name: str, dtype: torch.dtype, **options) -> list[list[torch.Tensor]]:
+def train(name: str, dtype: torch.dtype, steps: int = STEPS, **options) -> list[list[torch.Tensor]]:
     make, inputs, classes = MODELS[name]
     torch.manual_seed(0)
     model = make().to(dtype)
     opt = nero_torch.Nero(nero_torch.param_groups(model), **options)
     gen = torch.Generator().manual_seed(1)
     history = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         x = inputs(gen)
         x = x.to(dtype) if x.is_floating_point() else x
         out = model(x).reshape(-1, classes)

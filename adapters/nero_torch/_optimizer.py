@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
+from nero_core._kernels import Unavailable, warn_unavailable
 from nero_core._nero import skip_mode
 from nero_core._neurons import neuron_axis_of
 
@@ -230,7 +233,7 @@ class Nero(torch.optim.Optimizer):
         work, sharded = _dtensor.split_off(work, self.state)  # DTensor parameters (FSDP2, tensor parallel)
         if not any(params for _, params, _, _ in work) and sharded is None:
             return loss
-        if sharded is None and self._native_step(work):
+        if sharded is None and (self._triton_step(work) or self._native_step(work)):
             return loss
         # Phase one: per-row step sizes from the gradients of initialised tensors on the fast path; the
         # finiteness of every gradient (all groups) is known before anything is written.
@@ -275,6 +278,34 @@ class Nero(torch.optim.Optimizer):
                     v = self.state[p].get("v") if self.state.get(p) else None
                     held.append((p, spec, ok, p.detach().clone(), None if v is None else v.clone()))
         return held
+
+    def _triton_step(self, work) -> bool:
+        """The whole step by the Triton kernels (``fused=True`` on CUDA, eager; see ``nero_torch._triton``), without a
+        host sync; or False where they do not apply (as for the C kernel, and float16/bfloat16 parameters too) or
+        Triton is not installed."""
+        if torch.compiler.is_compiling():
+            return False
+        fitting = []
+        for group, params, grads, specs in work:
+            if params and not (group["fused"] and group["foreach"] is not False):
+                return False
+            for p, g, spec in zip(params, grads, specs):
+                state = self.state.get(p)
+                if not (state and _triton_fits(p, g, spec, state)):
+                    return False
+                fitting.append((p.detach(), g, state, spec, group))
+        devices = {p.device for p, *_ in fitting}
+        kernels = _triton_kernels() if len(devices) == 1 else None
+        if kernels is None:
+            return False
+        device = devices.pop()
+        params = [kernels.Param(p, g, state, spec.axis is not None, spec.centre, spec.normalise,
+                                _kernel_lr(group["lr"], device), group["maximize"], group["beta"])
+                  for p, g, state, spec, group in fitting]
+        if self._skipped.device != device:  # counted where the kernels find the verdict, without a sync
+            self._skipped = self._skipped.to(device)
+        kernels.step(params, whole=self._skip_mode != "neuron", skipped=self._skipped)
+        return True
 
     def _native_step(self, work) -> bool:
         """The whole step by the C kernel (``fused=True`` on CPU, eager), or False where it does not apply: a
@@ -402,11 +433,54 @@ def _step_lr(lr: Tensor, device: torch.device) -> Tensor:
 
 
 def _native_fits(p: Tensor, g: Tensor, spec: TensorSpec) -> bool:
+    return p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and _rows_fit(p, g, spec)
+
+
+def _rows_fit(p: Tensor, g: Tensor, spec: TensorSpec) -> bool:
+    """Whether a fused kernel reads ``p`` and ``g`` as contiguous rows (neurons on axis 0) or elements."""
     return (
-        p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and g.dtype == p.dtype
-        and g.layout == torch.strided and p.is_contiguous() and g.is_contiguous() and p.numel() > 0
-        and spec.axis in (0, None)
+        g.dtype == p.dtype and g.device == p.device and g.layout == torch.strided and p.is_contiguous()
+        and g.is_contiguous() and p.numel() > 0 and spec.axis in (0, None)
     )
+
+
+# Where Nero(fused=True) runs the Triton kernels: CUDA; tests add "cpu" to run them in Triton's interpreter.
+_TRITON_DEVICES: tuple[str, ...] = ("cuda",)
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _triton_fits(p: Tensor, g: Tensor, spec: TensorSpec, state: dict[str, Tensor]) -> bool:
+    return (
+        p.device.type in _TRITON_DEVICES and p.dtype in _TRITON_DTYPES and _rows_fit(p, g, spec)
+        and state["step"].dtype == torch.float32 and state["v"].dtype == compute_dtype(p.dtype)
+    )
+
+
+def _triton_kernels() -> Any:
+    """``nero_torch._triton`` (imported where it is first needed), or None where Triton cannot be imported."""
+    return importlib.import_module(f"{__package__}._triton") if _triton_imports() else None
+
+
+@functools.cache
+def _triton_imports() -> bool:
+    try:
+        importlib.import_module(f"{__package__}._triton")
+    except ImportError as error:
+        why = Unavailable(f"Triton cannot be imported ({error})", "Install it (pip install triton) for the Triton "
+                          "kernels; torch's CUDA wheels bring it.")
+        warn_unavailable("Nero(fused=True)", why, "the torch.compile'd kernels", stacklevel=5)
+        return False
+    return True
+
+
+def _kernel_lr(lr: float | Tensor, device: torch.device) -> float | Tensor:
+    """A group's lr as the Triton kernels take it: a tensor on ``device`` is read there (float32 or float64); a CPU
+    tensor is a number (read without a device sync)."""
+    if not isinstance(lr, Tensor):
+        return lr
+    if lr.device != device:
+        return float(lr)
+    return lr if lr.dtype in (torch.float32, torch.float64) else lr.to(torch.float32)
 
 
 def _native_flags(spec: TensorSpec) -> int:
