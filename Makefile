@@ -69,5 +69,30 @@ bench-history: $(STAMP)
 bench-gate: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) asv_bench/gate.py
 
+# The GPU check (asv_bench/gpu_check.py: pytest -m gpu, then the GPT-2-like comparison, written to
+# asv_bench/measured/gpt2_gpu.{md,json}), for a machine with CUDA, torch, JAX, CuPy and Triton installed and no network.
+# GPU_PYTHON is the Python that has them; this project goes into GPU_SITE with --no-deps, built with the setuptools it
+# needs, and the pure-Python packages such a machine lacks come from the wheels in GPU_WHEELS, which gpu-wheels
+# downloads where pip reaches PyPI (then carry the folder). CI runs it on CPU:
+#   make gpu-check GPU_PYTHON=.venv/bin/python ARGS="--device cpu --quick"
+GPU_PYTHON ?= python3
+GPU_WHEELS ?= .whl
+GPU_SITE ?= $(or $(TMPDIR),/tmp)/nero-gpu-site
+GPU_PACKAGES := array-api-compat setuptools
+.PHONY: gpu-wheels gpu-check
+gpu-wheels: $(GPU_WHEELS)/downloaded
+$(GPU_WHEELS)/downloaded:
+	$(GPU_PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 -d $(GPU_WHEELS) \
+		-c requirements/constraints.txt $(GPU_PACKAGES)
+	touch $@
+
+gpu-check: $(GPU_WHEELS)/downloaded
+	rm -rf $(GPU_SITE) $(GPU_SITE)-src && mkdir -p $(GPU_SITE)-src
+	$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --target $(GPU_SITE) $(GPU_WHEELS)/*.whl
+	tar -c pyproject.toml README.md LICENSE nero_core adapters | tar -x -C $(GPU_SITE)-src  # built outside the checkout
+	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-build-isolation \
+		--no-compile --target $(GPU_SITE) $(GPU_SITE)-src
+	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) asv_bench/gpu_check.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info site

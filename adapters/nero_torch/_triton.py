@@ -404,4 +404,4 @@ def step(params: Sequence[Param], *, whole: bool, skipped: Tensor) -> None:
             launch.kernel[(launch.blocks.shape[0],)](
                 table, launch.blocks, flag, MODE=mode, enable_fp_fusion=False, **launch.options
             )
-    _finish[(1,)](table, flag, skipped, len(params), MODE=WHOLE if whole else NEURON, BLOCK=128)
+    _finish[(1,)](table, flag, skipped, len(params), MODE=WHOLE if whole else NEURON, BLOCK=128, enable_fp_fusion=False)
