@@ -70,10 +70,12 @@ class Nero(torch.optim.Optimizer):
             on axis 0, as ``Linear``, ``Conv*d`` and ``Embedding`` have them) a C kernel does the whole step,
             reading and writing each row while it is in cache (after a first pass reading the gradients, unless
             ``skip_nonfinite="neuron"``), with torch's thread count (built with the system's C compiler on first
-            use, about a second, then cached; see ``nero_torch._native``). Elsewhere (CUDA, under ``torch.compile``,
-            other layouts) the fast path of neuron tensors runs as ``torch.compile``'d kernels: compilation on the
-            first steady-state step, once per tensor rank, dtype and device (sizes are dynamic), 17 s
-            single-threaded for a GPT-2-like model on a 2-core CPU. Not with ``foreach=True``.
+            use, about a second, then cached; see ``nero_torch._native``). On CUDA (the same layouts; float16 and
+            bfloat16 too) Triton kernels do it, a few launches for the whole model and no host sync, each row read
+            once and written once (see ``nero_torch._triton``; their GPU speed is not measured yet). Elsewhere
+            (under ``torch.compile``, other layouts) the fast path of neuron tensors runs as ``torch.compile``'d
+            kernels: compilation on the first steady-state step, once per tensor rank, dtype and device (sizes are
+            dynamic), 17 s single-threaded for a GPT-2-like model on a 2-core CPU. Not with ``foreach=True``.
         skip_nonfinite: True or ``"step"``: a step in which any gradient holds NaN or Inf is skipped whole (see
             below); the C kernel then reads the gradients twice, once to check them all before anything is
             written. ``"neuron"``: only the neurons (rows; elements of bias-like tensors) whose gradient is not
