@@ -103,6 +103,12 @@ def _tensor_scalars(meta, V_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _new_v(v, gg, beta, decay):
+    """``beta*v + (1-beta)*|g|^2`` in the state dtype, as the core rule computes it."""
+    return beta * v + decay * gg
+
+
+@triton.jit
 def _step_size(v, scale_lr, correction):
     """``c = lr*sigma / sqrt(v / correction)``, 0 where ``v = 0``, in float64: a subnormal float32 ``v`` is an
     ordinary float64, and ``c*c`` of the spread never overflows."""
@@ -154,7 +160,7 @@ def _narrow_rows(table, blocks, flag, P_DTYPE: tl.constexpr, V_DTYPE: tl.constex
     v_at = _address(meta, _V, V_DTYPE) + rows
     beta, decay, scale_lr, correction = _tensor_scalars(meta, V_DTYPE)
     gg = tl.sum(g * g, 1)
-    v = beta * tl.load(v_at, mask=live, other=0.0) + decay * gg
+    v = _new_v(tl.load(v_at, mask=live, other=0.0), gg, beta, decay)
     taken = live & _finite(v)
     if MODE == CHECK:
         _raise_flag(flag, live & ~taken)
@@ -212,7 +218,7 @@ def _wide_rows(table, blocks, flag, P_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr
             sg += g
     beta, decay, scale_lr, correction = _tensor_scalars(meta, V_DTYPE)
     gg_row = tl.sum(gg, 0)
-    v = beta * tl.load(v_at) + decay * gg_row
+    v = _new_v(tl.load(v_at), gg_row, beta, decay)
     taken = _finite(v)
     if MODE == CHECK:
         tl.store(flag, 1, mask=~taken)
@@ -266,7 +272,7 @@ def _elements(table, blocks, flag, P_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
     g = tl.load(_address(meta, _G, P_DTYPE) + at, mask=live, other=0.0).to(V_DTYPE)
     v_at = _address(meta, _V, V_DTYPE) + at
     beta, decay, scale_lr, correction = _tensor_scalars(meta, V_DTYPE)
-    v = beta * tl.load(v_at, mask=live, other=0.0) + decay * (g * g)
+    v = _new_v(tl.load(v_at, mask=live, other=0.0), g * g, beta, decay)
     taken = live & _finite(v)
     if MODE == CHECK:
         _raise_flag(flag, live & ~taken)
