@@ -29,6 +29,7 @@ A tensor ``lr`` on the parameters' device is read in the kernels, where it lies;
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -319,6 +320,12 @@ class Param(NamedTuple):
     beta: float
 
 
+def _rows_cols(x: Param) -> tuple[int, int]:
+    """A neuron tensor as (neurons, fan-in) rows; a bias-like one as elements (rows of one)."""
+    rows = x.p.shape[0] if x.neuron else x.p.numel()
+    return rows, x.p.numel() // rows
+
+
 def _lr_columns(param: Param) -> tuple[int, int, float]:
     """``(address, flag, value)``: a tensor lr is read in the kernels where it lies (the value is then its sign)."""
     sign = -1.0 if param.maximize else 1.0
@@ -334,10 +341,9 @@ def _table(params: Sequence[Param], device: torch.device) -> Tensor:
     floats = ints.view(np.float64)
     for i, x in enumerate(params):
         address, lr_flag, lr = _lr_columns(x)
-        rows = x.p.shape[0] if x.neuron else x.p.numel()
         flags = (CENTRE.value if x.centre else 0) | (NORMALISE.value if x.normalise else 0) | lr_flag
         ints[i, :_LR.value] = (x.p.data_ptr(), x.g.data_ptr(), x.state["v"].data_ptr(), x.state["sigma"].data_ptr(),
-                               x.state["step"].data_ptr(), address, rows, x.p.numel() // rows, flags)
+                               x.state["step"].data_ptr(), address, *_rows_cols(x), flags)
         floats[i, _LR.value], floats[i, _BETA.value] = lr, x.beta
     table = torch.from_numpy(ints)
     if device.type == "cuda":
@@ -400,14 +406,14 @@ def step(params: Sequence[Param], *, whole: bool, skipped: Tensor) -> None:
     and ``step``. ``whole``: a step with a non-finite new ``v`` anywhere is skipped whole; else only those rows
     (elements) are held back. ``skipped`` (an int64 0-d tensor on the device) counts such steps. No host sync."""
     device = params[0].p.device
-    shapes = tuple((x.p.dtype, x.neuron, x.p.shape[0] if x.neuron else x.p.numel(),
-                    x.p.numel() // x.p.shape[0] if x.neuron else 1) for x in params)
-    table = _table(params, device)
-    flag = torch.zeros(1, dtype=torch.int32, device=device)
-    plan = _plan(shapes, device, MAX_BLOCK)
-    for mode in ((CHECK, WHOLE) if whole else (NEURON,)):
-        for launch in plan:
-            launch.kernel[(launch.blocks.shape[0],)](
-                table, launch.blocks, flag, MODE=mode, enable_fp_fusion=False, **launch.options
-            )
-    _finish[(1,)](table, flag, skipped, len(params), MODE=WHOLE if whole else NEURON, BLOCK=128, enable_fp_fusion=False)
+    plan = _plan(tuple((x.p.dtype, x.neuron, *_rows_cols(x)) for x in params), device, MAX_BLOCK)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # Triton's device
+        table = _table(params, device)
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        for mode in ((CHECK, WHOLE) if whole else (NEURON,)):
+            for launch in plan:
+                launch.kernel[(launch.blocks.shape[0],)](
+                    table, launch.blocks, flag, MODE=mode, enable_fp_fusion=False, **launch.options
+                )
+        _finish[(1,)](table, flag, skipped, len(params), MODE=WHOLE if whole else NEURON, BLOCK=128,
+                      enable_fp_fusion=False)
