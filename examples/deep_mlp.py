@@ -18,7 +18,7 @@ from pathlib import Path
 from harness.loop import best, summarise
 from harness.optim import LR_GRID, NERO_DEFAULT_LR
 from harness.protocol import Protocol, tuning_plan
-from harness.record import Study, lr_figure, markdown_table, new_figure, runner_parser, save_figure
+from harness.record import Study, lr_figure, markdown_table, new_figure, pending_figure, runner_parser, save_figure
 from harness.report import cell, load_runs
 from harness.runner import Plan, Tasks, run_study
 from harness.tasks import deep_mlp_tasks
@@ -68,7 +68,12 @@ def figure(table: dict[int, dict[str, dict | None]]):
 
 def report(folder: Path) -> str:
     """Rebuild ``deep_mlp.md`` and the figures in ``folder`` from the records in ``folder/runs``."""
-    runs = load_runs(folder / "runs")
+    runs = load_runs(folder / "runs") if (folder / "runs").is_dir() else []
+    if not runs:
+        text = "Pending: no runs yet (`python examples/deep_mlp.py` makes them).\n"
+        save_figure(pending_figure("deep plain MLPs"), folder / "deep_mlp.png")
+        (folder / "deep_mlp.md").write_text(text)
+        return text
     depths = sorted({depth_of(r["task"]) for r in runs})
     table: dict[int, dict[str, dict | None]] = {}
     for depth in depths:
@@ -87,9 +92,8 @@ def report(folder: Path) -> str:
                    for n in columns] for d in depths]
     trains = {n: [d for d in depths if table[d][n] is not None and (table[d][n]["mean"] or 0) > TRAINS]
               for n in columns}
-    if depths:
-        save_figure(figure(table), folder / "deep_mlp.png")
-    first = runs[0] if runs else {"settings": {}}
+    save_figure(figure(table), folder / "deep_mlp.png")
+    first = runs[0]
     cpu = sum(r["cpu_seconds"] for r in runs) / 3600
     text = (markdown_table(["depth"] + [f"{n}: best lr: accuracy (%)" for n in columns], rows)
             + f"\n\nDepths that train (best accuracy > {TRAINS:g}%): "

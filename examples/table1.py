@@ -27,7 +27,8 @@ from pathlib import Path
 from harness.loop import best, rank, summarise
 from harness.optim import LR_GRID, NERO_DEFAULT_LR
 from harness.protocol import Protocol, tuning_plan
-from harness.record import Study, curves_figure, lr_figure, markdown_table, runner_parser, save_figure
+from harness.record import (Study, curves_figure, lr_figure, markdown_table, pending_figure, runner_parser,
+                            save_figure)
 from harness.report import cell, load_runs, metric_gap, steps_to_target
 from harness.runner import Plan, Tasks, run_study
 from harness.tasks import table1_tasks
@@ -108,6 +109,8 @@ def report(folder: Path) -> str:
         mine = [r for r in runs if r["task"] == task]
         if not mine:
             rows.append([task, "all", "pending", "pending"])
+            for kind in ("lr", "curves"):
+                save_figure(pending_figure(task), folder / f"{task}_{kind}.png")
             continue
         task_rows, chosen = rows_of(task, mine)
         rows += task_rows
@@ -128,8 +131,9 @@ def report(folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "table1.md").write_text(text)
     target = [r for r in runs if r["task"] == TARGET_TASK]
-    if target:
-        (folder / "steps_to_target.md").write_text(steps_to_target(target, OPTIMIZERS, NERO_DEFAULT_LR) + "\n")
+    (folder / "steps_to_target.md").write_text(
+        (steps_to_target(target, OPTIMIZERS, NERO_DEFAULT_LR) if target else f"Pending: no {TARGET_TASK} runs yet.")
+        + "\n")
     return text
 
 

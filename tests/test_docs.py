@@ -193,7 +193,7 @@ def test_study_figures_and_tables_come_from_the_committed_results(site):
         if line.startswith("| ") and "task" not in line:
             cells = [c.strip() for c in line.strip("|").split("|")]
             assert "<td>" + "</td>\n<td>".join(cells) + "</td>" in studies, line
-    assert 'src="results/table1/mlp_mnist.png"' in studies
+    assert 'src="results/table1/mlp_mnist_lr.png"' in studies
 
 
 def chromium() -> str | None:

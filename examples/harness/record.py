@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Study", "curves_figure", "lr_figure", "parser", "runner_parser", "save_figure", "versions"]
+__all__ = [
+    "Study", "curves_figure", "lr_figure", "parser", "pending_figure", "runner_parser", "save_figure", "versions",
+]
 
 EXAMPLES = Path(__file__).resolve().parents[1]
 PACKAGES = ("nero-core", "torch", "numpy", "pytorch_optimizer", "gymnasium", "scikit-learn", "matplotlib")
@@ -120,6 +122,14 @@ def new_figure(size: tuple[float, float] = (5, 3.5), columns: int = 1):
     import matplotlib.pyplot as plt
 
     return plt.subplots(1, columns, figsize=size)
+
+
+def pending_figure(title: str):
+    """A placeholder for a figure whose runs are not done yet (so that pages showing it still build)."""
+    fig, ax = new_figure((5.5, 2.0))
+    ax.text(0.5, 0.5, f"{title}: pending (no runs yet)", ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    return fig
 
 
 def informative_range(values: list[float], goal: str, chance: float | None) -> tuple[float, float]:
