@@ -34,15 +34,18 @@ def _tolerance(dtype: Any) -> float:
 def _off_balance(p: Any, axis: int, *, centre: bool, normalise: bool) -> Any:
     """The largest departure of a row of ``p`` from balanced: ``| |w|^2 - 1 |`` (zero rows allowed), and the row
     mean relative to the row's rms."""
-    rows = jnp.moveaxis(p, axis, 0).reshape(p.shape[axis], -1).astype(jnp.float32)
-    squares = jnp.sum(rows * rows, axis=1)
+    # Reductions over the other axes, not a reshape to rows: under explicit sharding jax refuses a reshape that
+    # merges a sharded axis (a conv kernel sharded on its input channels) unless told the output's sharding.
+    others = tuple(i for i in range(p.ndim) if i != axis)
+    x = p.astype(jnp.float32)
+    squares = jnp.sum(x * x, axis=others)
     worst = jnp.zeros((), jnp.float32)
     if normalise:
         worst = jnp.maximum(worst, jnp.max(jnp.where(squares > 0, jnp.abs(squares - 1), 0.0)))
     if centre:
-        n = rows.shape[1]
+        n = p.size // p.shape[axis]
         rms = jnp.sqrt(jnp.maximum(squares / n, jnp.finfo(jnp.float32).tiny))
-        worst = jnp.maximum(worst, jnp.max(jnp.abs(jnp.mean(rows, axis=1)) / rms))
+        worst = jnp.maximum(worst, jnp.max(jnp.abs(jnp.mean(x, axis=others)) / rms))
     return worst
 
 
