@@ -144,7 +144,7 @@ def _column(values: Sequence[float], xp: Any, dtype: Any, ndim: int, like: Any) 
 
 
 def _rsqrt(x: Any, xp: Any) -> Any:
-    return x**-0.5  # one kernel where a backend has rsqrt (torch), instead of a square root and a division
+    return 1 / xp.sqrt(x)  # not x**-0.5: XLA's CPU power is four times slower
 
 
 def _safe_rsqrt(x: Any, xp: Any) -> Any:
@@ -212,7 +212,8 @@ def _derived_channels(g: Any, m: Any, v: Any, scale: Sequence[Any], mom_scale: S
     adam = m * rsqrt_v
     factor = _product(scale)
     mom_factor = factor if mom_scale is scale else _product(mom_scale)
-    return adam, rsqrt_v, xp.expand_dims(g, axis=0) * factor, m * mom_factor, xp.mean(adam, axis=0)
+    direction = (adam[0, ...] + adam[1, ...] + adam[2, ...]) / 3  # not a mean over axis 0: 20x slower in XLA on CPU
+    return adam, rsqrt_v, xp.expand_dims(g, axis=0) * factor, m * mom_factor, direction
 
 
 def _product(factors: Sequence[Any]) -> Any:
@@ -272,58 +273,84 @@ def _update_tensor(p, g, t, m, v, row, col, w, *, step_mult, nominal_stepsize, w
 
 
 def _step(p, grad, t, m, v, row, col, w, *, step_mult, nominal_stepsize, weight_decay, block_size, xp):
-    """The new parameter from the accumulators already updated with ``grad`` (in ``v``'s dtype)."""
-    dtype = v.dtype
-    shape = tuple(p.shape)
-    x = xp.astype(p, dtype, copy=False)
-    scale, row_f, col_f, mom_scale = _adafactor_factors(row, col, shape, xp)
-    blocks = _block_rows(shape, block_size) or [None]
-    size = math.prod(shape)
+    """The new parameter from the accumulators already updated with ``grad`` (in ``v``'s dtype).
 
-    def derived(block):
+    Two passes over the tensor: the mean squares of the channels (the normalisation), then the MLP and the update.
+    With ``block_size`` each pass runs over blocks of rows and the MLP's layers are matrix products over stacked
+    channels (few, large kernels: what an eager backend runs fast); without, each tensor runs whole and the layers
+    are written as sums of products per element (what a compiler fuses into one loop: ``jax.jit``).
+    """
+    shape = tuple(p.shape)
+    x = xp.astype(p, v.dtype, copy=False)
+    scale, row_f, col_f, mom_scale = _adafactor_factors(row, col, shape, xp)
+
+    def channels(block):  # the 16 per-element channels (of the block) and the nominal direction
         factors = [_rows_of(f, 1, block) for f in scale]
         mom_factors = factors if mom_scale is scale else [_rows_of(f, 1, block) for f in mom_scale]
-        return _derived_channels(_rows_of(grad, 0, block), _rows_of(m, 1, block), _rows_of(v, 0, block), factors,
-                                 mom_factors, xp)
+        gb, mb, vb = _rows_of(grad, 0, block), _rows_of(m, 1, block), _rows_of(v, 0, block)
+        adam, rsqrt_v, g_scaled, m_scaled, direction = _derived_channels(gb, mb, vb, factors, mom_factors, xp)
+        return [gb, _rows_of(x, 0, block), mb, vb, adam, rsqrt_v, g_scaled, m_scaled], direction
 
-    # First pass: the mean squares of the 16 per-element channels and of the nominal direction, over the tensor.
+    blocks = _block_rows(shape, block_size) or [None]
     stored = _square_sums([(grad, 1), (x, 1), (m, 3), (v, 1)], xp)
     computed = None
     for block in blocks:
-        adam, rsqrt_v, g_scaled, m_scaled, direction = derived(block)
+        (_, _, _, _, adam, rsqrt_v, g_scaled, m_scaled), direction = channels(block)
         part = _square_sums([(adam, 3), (rsqrt_v, 1), (g_scaled, 3), (m_scaled, 3), (direction, 1)], xp)
         computed = part if computed is None else computed + part
-    mean_squares = xp.concat([stored, computed]) / size
+    mean_squares = xp.concat([stored, computed]) / math.prod(shape)
     nominal_rms = xp.sqrt(mean_squares[16])
-    w1_element = xp.matrix_transpose(_scaled_rows(w["w1"], _ELEMENT_ROWS, mean_squares[:16], xp))
-    taus = xp.asarray(np.asarray(TIMESCALES, dtype=np.float64 if dtype == xp.float64 else np.float32),
-                      device=device_of(v))
-    bias = w["b1"] + xp.matmul(xp.tanh(xp.astype(t, dtype) / taus - 1), w["w1"][28:, ...])
-    row_part = _factored_part(xp.concat([row_f, _rsqrt(row_f + 1e-8, xp)], axis=0), _ROW_ROWS, w["w1"], xp)
-    row_part = row_part + xp.reshape(bias, (NUM_OUTPUTS,) + (1,) * len(shape))
-    col_part = _factored_part(xp.concat([col_f, _rsqrt(col_f + 1e-8, xp)], axis=0), _COL_ROWS, w["w1"], xp)
+    w1 = _scaled_rows(w["w1"], _ELEMENT_ROWS, mean_squares[:16], xp)  # (16, 4)
+    row_part, col_part = _factored_parts(row_f, col_f, t, w, xp)
 
-    # Second pass: the MLP and the update, block by block.
-    new = []
-    for block in blocks:
-        xb, gb, vb, mb = _rows_of(x, 0, block), _rows_of(grad, 0, block), _rows_of(v, 0, block), _rows_of(m, 1, block)
-        adam, rsqrt_v, g_scaled, m_scaled, direction = derived(block)
-        n = math.prod(tuple(xb.shape))
-        element = xp.concat([xp.reshape(c, (-1, n)) for c in (gb, xb, mb, vb, adam, rsqrt_v, g_scaled, m_scaled)],
-                            axis=0)
-        hidden = xp.reshape(xp.matmul(w1_element, element), (NUM_OUTPUTS, *xb.shape))
-        hidden = hidden + _rows_of(row_part, 1, block) + _rows_of(col_part, 1, block)
-        hidden = xp.clip(xp.reshape(hidden, (NUM_OUTPUTS, -1)), min=0.0)
-        hidden = xp.clip(xp.matmul(xp.matrix_transpose(w["w2"]), hidden) + w["b2"][:, None], min=0.0)
-        out = xp.matmul(xp.matrix_transpose(w["w3"]), hidden) + w["b3"][:, None]
-        d, mu, nu, rho = (xp.reshape(out[i, ...], direction.shape) for i in range(NUM_OUTPUTS))
+    def update(xb, direction, out):
+        d, mu, nu, rho = out
         learned = step_mult * nominal_rms * xp.tanh(d) * _log_scale(mu, xp)
         nominal = nominal_stepsize * _log_scale(nu, xp) * direction
         if isinstance(weight_decay, (int, float)) and weight_decay == 0:  # a Python 0: no regularisation to compute
-            new.append(xb - learned - nominal)
-        else:
-            new.append((1 - weight_decay * _log_scale(rho, xp)) * xb - learned - nominal)
+            return xb - learned - nominal
+        return (1 - weight_decay * _log_scale(rho, xp)) * xb - learned - nominal
+
+    if block_size is None:
+        chans, direction = channels(None)
+        rows = [c for group in chans for c in ([group[i, ...] for i in range(3)] if group.ndim > len(shape) else
+                                                [group])]
+        hidden = [row_part[j, ...] + col_part[j, ...] + sum(w1[c, j] * rows[c] for c in range(16))
+                  for j in range(NUM_OUTPUTS)]
+        return update(x, direction, _mlp_tail(hidden, w, xp))
+    new = []
+    for block in blocks:
+        chans, direction = channels(block)
+        n = math.prod(tuple(direction.shape))
+        element = xp.concat([xp.reshape(c, (-1, n)) for c in chans], axis=0)  # (16, n)
+        hidden = xp.reshape(xp.matmul(xp.matrix_transpose(w1), element), (NUM_OUTPUTS, *direction.shape))
+        hidden = xp.reshape(hidden + _rows_of(row_part, 1, block) + _rows_of(col_part, 1, block), (NUM_OUTPUTS, n))
+        hidden = xp.clip(hidden, min=0.0)
+        hidden = xp.clip(xp.matmul(xp.matrix_transpose(w["w2"]), hidden) + w["b2"][:, None], min=0.0)
+        out = xp.matmul(xp.matrix_transpose(w["w3"]), hidden) + w["b3"][:, None]
+        new.append(update(chans[1], direction, [xp.reshape(out[i, ...], direction.shape) for i in range(NUM_OUTPUTS)]))
     return new[0] if len(new) == 1 else xp.concat(new, axis=0)
+
+
+def _factored_parts(row_f: Any, col_f: Any, t: Any, w: Mapping[str, Any], xp: Any) -> tuple[Any, Any]:
+    """The first layer's shares from the row and from the column channels, ``(4, *broadcastable to the tensor)``,
+    the row share with ``b1`` and the time features (constant over the tensor) added."""
+    dtype = row_f.dtype
+    taus = xp.asarray(np.asarray(TIMESCALES, dtype=np.float64 if dtype == xp.float64 else np.float32),
+                      device=device_of(row_f))
+    bias = w["b1"] + xp.matmul(xp.tanh(xp.astype(t, dtype) / taus - 1), w["w1"][28:, ...])
+    row_part = _factored_part(xp.concat([row_f, _rsqrt(row_f + 1e-8, xp)], axis=0), _ROW_ROWS, w["w1"], xp)
+    row_part = row_part + xp.reshape(bias, (NUM_OUTPUTS,) + (1,) * (row_f.ndim - 1))
+    col_part = _factored_part(xp.concat([col_f, _rsqrt(col_f + 1e-8, xp)], axis=0), _COL_ROWS, w["w1"], xp)
+    return row_part, col_part
+
+
+def _mlp_tail(hidden: Sequence[Any], w: Mapping[str, Any], xp: Any) -> list[Any]:
+    """The MLP after the first layer's pre-activations, one array per unit, as sums of products per element."""
+    hidden = [xp.clip(h, min=0.0) for h in hidden]
+    hidden = [xp.clip(sum(w["w2"][k, j] * hidden[k] for k in range(NUM_OUTPUTS)) + w["b2"][j], min=0.0)
+              for j in range(NUM_OUTPUTS)]
+    return [sum(w["w3"][k, j] * hidden[k] for k in range(NUM_OUTPUTS)) + w["b3"][j] for j in range(NUM_OUTPUTS)]
 
 
 def _all_finite(grads: Sequence[Any], xp: Any) -> Any:

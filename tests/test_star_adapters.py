@@ -108,6 +108,27 @@ def test_torch_wrapper_matches_core(block_size, monkeypatch):
     assert int(clone.state[clone.param_groups[0]["params"][0]]["step"]) == STEPS
 
 
+def test_torch_wrapper_on_half_precision_matches_core():
+    """bfloat16 parameters take the core rule's path (float32 state, a copy back), not the in-place one."""
+    torch = pytest.importorskip("torch")
+    from nero_torch.star import Star
+
+    params, grads = problem()
+    tensors = {k: torch.nn.Parameter(torch.from_numpy(v.copy()).to(torch.bfloat16)) for k, v in params.items()}
+    opt = Star(list(tensors.values()), meta_params(), **OPTIONS)
+    rule = star_rule(meta_params(), **OPTIONS)
+    ps = [t.detach().clone() for t in tensors.values()]
+    state = rule.init(ps)
+    for g in grads:
+        for k, t in tensors.items():
+            t.grad = torch.from_numpy(g[k].copy()).to(torch.bfloat16)
+        opt.step()
+        ps, state = rule.update([t.grad for t in tensors.values()], state, ps)
+        for t, ref in zip(tensors.values(), ps):
+            assert t.dtype == torch.bfloat16
+            torch.testing.assert_close(t.detach(), ref, rtol=1e-2, atol=1e-3)  # a bfloat16 rounding either way
+
+
 def test_torch_wrapper_skips_a_nonfinite_step():
     torch = pytest.importorskip("torch")
     from nero_torch.star import Star

@@ -13,9 +13,11 @@ from nero_core._base import check_gradients
 from nero_core._star import MOMENTUM_DECAYS, RMS_DECAY, _adafactor_accumulate, _meta_arrays, _step, load_star_params
 from nero_core._star import star as star_rule
 
+from ._star_step import step_in_place
+
 __all__ = ["Star"]
 
-BLOCK_SIZE = 1 << 14  # elements per block of the per-element MLP: temporaries stay small (nero_core.star)
+BLOCK_SIZE = 1 << 15  # elements per block of the per-element MLP: temporaries stay small (nero_core.star)
 
 
 class Star(torch.optim.Optimizer):
@@ -95,22 +97,32 @@ class Star(torch.optim.Optimizer):
                     self._init_state(p, group)
             states = [self.state[p] for p in params]
             count, skipped = states[0]["step"], states[0]["skipped"]
-            if group["skip_nonfinite"] and not bool(torch.stack([p.grad.isfinite().all() for p in params]).all()):
-                for s in states:  # a host sync, as Nero's: the step is skipped whole
+            if group["skip_nonfinite"] and not _all_finite([p.grad for p in params]):
+                for s in states:  # the step is skipped whole
                     s["step"], s["skipped"] = count, skipped + 1
                 continue
             grads = [p.grad.to(s["v"].dtype) for p, s in zip(params, states)]
             _accumulate_in_place(grads, states)
+            hyper = {k: group[k] for k in ("step_mult", "nominal_stepsize", "weight_decay")}
             for p, g, s in zip(params, grads, states):
                 if p.numel() == 0:
                     continue
-                new = _step(p.detach(), g, count, s["m"], s["v"], s["fac_row"], s["fac_col"], self._weights(s["v"]),
-                            step_mult=group["step_mult"], nominal_stepsize=group["nominal_stepsize"],
-                            weight_decay=group["weight_decay"], block_size=BLOCK_SIZE, xp=xp)
-                p.copy_(new)
+                args = (g, count, s["m"], s["v"], s["fac_row"], s["fac_col"], self._weights(s["v"]))
+                if p.dtype == s["v"].dtype and p.is_contiguous():
+                    step_in_place(p.detach(), *args, block_size=BLOCK_SIZE, **hyper)
+                else:  # half-precision or strided parameters: the core rule, then a copy
+                    p.copy_(_step(p.detach(), *args, block_size=BLOCK_SIZE, xp=xp, **hyper))
             for s in states:
                 s["step"], s["skipped"] = count + 1, skipped
         return loss
+
+
+def _all_finite(grads: list[torch.Tensor]) -> bool:
+    """Whether every gradient is finite: one float64 sum per tensor (a NaN or Inf makes it NaN or Inf; it reads the
+    gradient once, where ``isfinite`` makes three passes), checked element by element only when a sum is not
+    finite (a finite float64 gradient near the largest double can overflow its sum). A host sync, as Nero's."""
+    sums = torch.stack([g.sum(dtype=torch.float64) for g in grads])
+    return bool(sums.isfinite().all()) or all(bool(g.isfinite().all()) for g in grads)
 
 
 def _accumulate_in_place(grads: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
