@@ -11,6 +11,7 @@ of ``rsqrt(v + 1e-6)``.
 
     python examples/star_diagnose.py                          # the shipped default parameters
     python examples/star_diagnose.py --meta star_v1 --out ... # another set
+    python examples/star_diagnose.py --optimizers star --steps 100   # the ratios only (the first 100 steps)
 
 It uses only ``nero_core.star(meta, step_mult=...)``, so the same script measures an older commit's rule.
 """
@@ -43,8 +44,8 @@ def rms(t: torch.Tensor) -> float:
     return float(t.double().pow(2).mean().sqrt())
 
 
-def train(depth: int, optimizer: str, meta: dict, data) -> dict:
-    """One epoch from seed 0; for ``optimizer == "star"`` also the per-tensor step ratios of the first steps."""
+def train(depth: int, optimizer: str, meta: dict, data, steps: int) -> dict:
+    """``steps`` steps (at most one epoch) from seed 0; for ``optimizer == "star"`` also the per-tensor step ratios of the first steps."""
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(0)
     model = mlp(784, 192, 10, depth=depth)
@@ -58,7 +59,7 @@ def train(depth: int, optimizer: str, meta: dict, data) -> dict:
         nominal_only = star(meta, step_mult=0.0)
         state = rule.init([p.detach() for p in params])
     losses, ratios, grad_rms = [], [], []
-    for step in range(len(x_train) // BATCH):
+    for step in range(min(steps, len(x_train) // BATCH)):
         idx = order[step * BATCH:(step + 1) * BATCH]
         loss = torch.nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
         model.zero_grad()
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--meta", default=DEFAULT_PARAMS)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--optimizers", default="adam,adam_aggmo,star", help="of adam, adam_aggmo, star")
+    ap.add_argument("--steps", type=int, default=10**9, help="training steps (default: one epoch); at least 100")
     ap.add_argument("--out", type=Path, default=None, help="default: examples/results/star/diagnose_<meta>.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -106,9 +109,9 @@ def main(argv: list[str] | None = None) -> None:
               "meta_params": args.meta, "nets": {}}
     for depth in (3, 6):
         net = record["nets"][f"mlp{depth}x192"] = {}
-        for optimizer in ("adam", "adam_aggmo", "star"):
+        for optimizer in args.optimizers.split(","):
             start = time.time()
-            net[optimizer] = train(depth, optimizer, meta, data)
+            net[optimizer] = train(depth, optimizer, meta, data, args.steps)
             summary = {k: round(v, 3) for k, v in net[optimizer].items() if isinstance(v, float)}
             print(f"mlp{depth}x192 {optimizer}: {summary} ({time.time() - start:.0f} s)", flush=True)
     out = args.out or ROOT / "results" / "star" / f"diagnose_{args.meta}.json"
