@@ -39,7 +39,7 @@ class Nero(torch.optim.Optimizer):
         &\quad W \leftarrow W - \operatorname{mean}_\text{row}(W) \;\;(\text{centre}),\qquad
               W \leftarrow W / \lVert W \rVert_\text{row} \;\;(\text{normalise; a zero row stays zero})\\
         &\quad \sigma \leftarrow 1 \text{ if normalise, else the mean row norm (bias-like: mean } |p|),
-              \text{ and } 0.01 \text{ where that is } 0\\
+              \text{ or, where that is } 0, 1 \text{ (bias-like: } 0.01)\\
         &\textbf{every update:}\quad t \leftarrow t + 1,\qquad
               v \leftarrow \beta v + (1-\beta)\,\lVert g \rVert_\text{row}^2 \;\;(\text{bias-like: } g^2)\\
         &\quad p \leftarrow p - \text{lr}\cdot\sigma\cdot g \,/\, \sqrt{v / (1 - \beta^t)}
@@ -287,26 +287,28 @@ class Nero(torch.optim.Optimizer):
         Triton is not installed."""
         if torch.compiler.is_compiling():
             return False
-        fitting = []
+        fitting = []  # (group, params, grads, states, specs) per group with parameters: all of them must fit
         for group, params, grads, specs in work:
-            if params and not (group["fused"] and group["foreach"] is not False):
+            if not params:
+                continue
+            if not (group["fused"] and group["foreach"] is not False):
                 return False
-            for p, g, spec in zip(params, grads, specs):
-                state = self.state.get(p)
-                if not (state and _triton_fits(p, g, spec, state)):
-                    return False
-                fitting.append((p.detach(), g, state, spec, group))
-        devices = {p.device for p, *_ in fitting}
+            states = [self.state.get(p) for p in params]
+            if not all(state and _triton_fits(p, g, spec, state) for p, g, spec, state in zip(params, grads, specs,
+                                                                                              states)):
+                return False
+            fitting.append((group, params, grads, states, specs))
+        devices = {p.get_device() for _, params, *_ in fitting for p in params}
         kernels = _triton_kernels() if len(devices) == 1 else None
         if kernels is None:
             return False
-        device = devices.pop()
-        params = [kernels.Param(p, g, state, spec.axis is not None, spec.centre, spec.normalise,
-                                _kernel_lr(group["lr"], device), group["maximize"], group["beta"])
-                  for p, g, state, spec, group in fitting]
+        device = fitting[0][1][0].device
+        groups = [kernels.Group(params, grads, states, [spec.axis is not None for spec in specs], group["centre"],
+                                group["normalise"], _kernel_lr(group["lr"], device), group["maximize"], group["beta"])
+                  for group, params, grads, states, specs in fitting]
         if self._skipped.device != device:  # counted where the kernels find the verdict, without a sync
             self._skipped = self._skipped.to(device)
-        kernels.step(params, whole=self._skip_mode != "neuron", skipped=self._skipped)
+        kernels.step(groups, whole=self._skip_mode != "neuron", skipped=self._skipped)
         return True
 
     def _native_step(self, work) -> bool:
@@ -439,21 +441,23 @@ def _native_fits(p: Tensor, g: Tensor, spec: TensorSpec) -> bool:
 
 
 def _rows_fit(p: Tensor, g: Tensor, spec: TensorSpec) -> bool:
-    """Whether a fused kernel reads ``p`` and ``g`` as contiguous rows (neurons on axis 0) or elements."""
+    """Whether a fused kernel reads ``p`` and ``g`` as contiguous rows (neurons on axis 0) or elements (cheap
+    checks first: the Triton path makes them for every tensor at every step)."""
     return (
-        g.dtype == p.dtype and g.device == p.device and g.layout == torch.strided and p.is_contiguous()
-        and g.is_contiguous() and p.numel() > 0 and spec.axis in (0, None)
+        spec.axis in (0, None) and g.dtype == p.dtype and g.get_device() == p.get_device() and p.is_contiguous()
+        and g.is_contiguous() and g.layout == torch.strided and p.numel() > 0
     )
 
 
-# Where Nero(fused=True) runs the Triton kernels: CUDA; tests add "cpu" to run them in Triton's interpreter.
-_TRITON_DEVICES: tuple[str, ...] = ("cuda",)
+# Nero(fused=True) runs the Triton kernels on CUDA tensors; tests switch this on to run them on CPU tensors in
+# Triton's interpreter.
+_TRITON_ON_CPU = False
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _triton_fits(p: Tensor, g: Tensor, spec: TensorSpec, state: dict[str, Tensor]) -> bool:
     return (
-        p.device.type in _TRITON_DEVICES and p.dtype in _TRITON_DTYPES and _rows_fit(p, g, spec)
+        (p.is_cuda or (_TRITON_ON_CPU and p.is_cpu)) and p.dtype in _TRITON_DTYPES and _rows_fit(p, g, spec)
         and state["step"].dtype == torch.float32 and state["v"].dtype == compute_dtype(p.dtype)
     )
 

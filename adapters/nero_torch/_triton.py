@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["MAX_BLOCK", "Param", "step"]
+__all__ = ["MAX_BLOCK", "Group", "step"]
 
 # Widest row one program holds in registers (elements); wider rows take the two-stage path in chunks of WIDE_CHUNK.
 MAX_BLOCK = 8192
@@ -306,49 +306,54 @@ def _finish(table, flag, skipped, count, MODE: tl.constexpr, BLOCK: tl.constexpr
 # ---- the host side -------------------------------------------------------------------------------------------------
 
 
-class Param(NamedTuple):
-    """One parameter for :func:`step`, initialised (its state holds ``v``, ``sigma`` and a float32 ``step``)."""
+class Group(NamedTuple):
+    """Initialised parameters that share their options (a parameter group's), for :func:`step`."""
 
-    p: Tensor  # contiguous; a neuron tensor has its neurons on axis 0
-    g: Tensor  # contiguous, p's dtype
-    state: dict[str, Tensor]
-    neuron: bool  # False: bias-like, updated elementwise
+    params: Sequence[Tensor]  # contiguous; a neuron tensor has its neurons on axis 0
+    grads: Sequence[Tensor]  # contiguous, their parameter's dtype
+    states: Sequence[dict[str, Tensor]]  # v, sigma and a float32 step
+    neuron: Sequence[bool]  # per parameter; False: bias-like, updated elementwise
     centre: bool
     normalise: bool
-    lr: float | Tensor  # a float, or a 1-element tensor on p's device (read there)
+    lr: float | Tensor  # a float, or a 1-element float32/float64 tensor on the parameters' device (read there)
     maximize: bool
     beta: float
 
 
-def _rows_cols(x: Param) -> tuple[int, int]:
-    """A neuron tensor as (neurons, fan-in) rows; a bias-like one as elements (rows of one)."""
-    rows = x.p.shape[0] if x.neuron else x.p.numel()
-    return rows, x.p.numel() // rows
-
-
-def _lr_columns(param: Param) -> tuple[int, int, float]:
+def _lr_columns(group: Group) -> tuple[int, int, float]:
     """``(address, flag, value)``: a tensor lr is read in the kernels where it lies (the value is then its sign)."""
-    sign = -1.0 if param.maximize else 1.0
-    if not isinstance(param.lr, Tensor):
-        return 0, 0, sign * float(param.lr)
-    flag = {torch.float32: LR_F32.value, torch.float64: LR_F64.value}[param.lr.dtype]
-    return param.lr.data_ptr(), flag, sign
+    sign = -1.0 if group.maximize else 1.0
+    if not isinstance(group.lr, Tensor):
+        return 0, 0, sign * float(group.lr)
+    flag = {torch.float32: LR_F32.value, torch.float64: LR_F64.value}[group.lr.dtype]
+    return group.lr.data_ptr(), flag, sign
 
 
-def _table(params: Sequence[Param], device: torch.device) -> Tensor:
-    """Every tensor's row of the table (``_COLUMNS``), on ``device``."""
-    ints = np.zeros((len(params), NCOL.value), dtype=np.int64)
-    floats = ints.view(np.float64)
-    for i, x in enumerate(params):
-        address, lr_flag, lr = _lr_columns(x)
-        flags = (CENTRE.value if x.centre else 0) | (NORMALISE.value if x.normalise else 0) | lr_flag
-        ints[i, :_LR.value] = (x.p.data_ptr(), x.g.data_ptr(), x.state["v"].data_ptr(), x.state["sigma"].data_ptr(),
-                               x.state["step"].data_ptr(), address, *_rows_cols(x), flags)
-        floats[i, _LR.value], floats[i, _BETA.value] = lr, x.beta
-    table = torch.from_numpy(ints)
-    if device.type == "cuda":
-        return table.pin_memory().to(device, non_blocking=True)
-    return table.to(device)
+def _table(groups: Sequence[Group], device: torch.device) -> tuple[Tensor, tuple]:
+    """The table (one row of ``_COLUMNS`` per tensor) on ``device``, and the tensors' ``(dtype, neuron, rows,
+    cols)``: built column by column, as it is every step."""
+    ints: list[list[int]] = [[] for _ in range(_LR.value)]
+    floats: list[list[float]] = [[], []]
+    shapes: list[tuple[torch.dtype, bool, int, int]] = []
+    for group in groups:
+        count = len(group.params)
+        numels = [p.numel() for p in group.params]
+        rows = [p.shape[0] if neuron else n for p, neuron, n in zip(group.params, group.neuron, numels)]
+        address, lr_flag, lr = _lr_columns(group)
+        flags = (CENTRE.value if group.centre else 0) | (NORMALISE.value if group.normalise else 0) | lr_flag
+        for column, values in zip(ints, (
+            [p.data_ptr() for p in group.params], [g.data_ptr() for g in group.grads],
+            *([s[key].data_ptr() for s in group.states] for key in ("v", "sigma", "step")),
+            [address] * count, rows, [n // r for n, r in zip(numels, rows)], [flags] * count,
+        )):
+            column += values
+        floats[0] += [lr] * count
+        floats[1] += [group.beta] * count
+        shapes += zip([p.dtype for p in group.params], group.neuron, rows, ints[_COLS.value][-count:])
+    table = np.concatenate([np.array(ints, dtype=np.int64), np.array(floats, dtype=np.float64).view(np.int64)])
+    host = torch.from_numpy(np.ascontiguousarray(table.T))
+    on_device = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    return on_device, tuple(shapes)
 
 
 class _Launch(NamedTuple):
@@ -401,19 +406,19 @@ def _plan(shapes: tuple[tuple[torch.dtype, bool, int, int], ...], device: torch.
     return launches
 
 
-def step(params: Sequence[Param], *, whole: bool, skipped: Tensor) -> None:
-    """One Nero step of every parameter in ``params`` (all on one device, initialised), in place: weights, ``v``
-    and ``step``. ``whole``: a step with a non-finite new ``v`` anywhere is skipped whole; else only those rows
-    (elements) are held back. ``skipped`` (an int64 0-d tensor on the device) counts such steps. No host sync."""
-    device = params[0].p.device
-    plan = _plan(tuple((x.p.dtype, x.neuron, *_rows_cols(x)) for x in params), device, MAX_BLOCK)
+def step(groups: Sequence[Group], *, whole: bool, skipped: Tensor) -> None:
+    """One Nero step of every parameter of ``groups`` (all on one device), in place: weights, ``v`` and ``step``.
+    ``whole``: a step with a non-finite new ``v`` anywhere is skipped whole; else only those rows (elements) are
+    held back. ``skipped`` (an int64 0-d tensor on the device) counts such steps. No host sync."""
+    device = groups[0].params[0].device
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # Triton's device
-        table = _table(params, device)
+        table, shapes = _table(groups, device)
         flag = torch.zeros(1, dtype=torch.int32, device=device)
+        plan = _plan(shapes, device, MAX_BLOCK)
         for mode in ((CHECK, WHOLE) if whole else (NEURON,)):
             for launch in plan:
                 launch.kernel[(launch.blocks.shape[0],)](
                     table, launch.blocks, flag, MODE=mode, enable_fp_fusion=False, **launch.options
                 )
-        _finish[(1,)](table, flag, skipped, len(params), MODE=WHOLE if whole else NEURON, BLOCK=128,
+        _finish[(1,)](table, flag, skipped, len(shapes), MODE=WHOLE if whole else NEURON, BLOCK=128,
                       enable_fp_fusion=False)
