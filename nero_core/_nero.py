@@ -8,18 +8,21 @@ Per parameter tensor ``p`` with gradient ``g``, with state ``(t, v, sigma)``:
 * the update is ``p -= lr * sigma * g / sqrt(v / (1 - beta**t))`` (zero where ``v == 0``), and constrained
   neuron tensors are then projected back to zero-mean (``centre``), unit-norm (``normalise``) rows;
 * at the first update (``t == 0``) constrained rows are projected first and ``sigma`` is fixed: 1 for
-  normalised neuron tensors, else the mean row norm (neuron tensors) or mean ``|p|`` (bias-like), 0.01 where
-  that is 0.
+  normalised neuron tensors, else the mean row norm (neuron tensors; 1 where every row is zero) or mean ``|p|``
+  (bias-like; 0.01 where that is 0).
 
-Nothing branches on array values (``where`` instead), so the rule traces under ``jax.jit``.
+A neuron tensor's step is computed as in :mod:`nero_core._closed_form`: five row sums of the old weights and the
+gradient (read-only passes), per-row factors from them, and one affine write ``scale * w - step * g - shift``; rows
+where that closed form would cancel are computed from the actual arrays instead (rare: weights that start around a
+large common offset, steps of the order of a row's norm). Nothing branches on array values in traced code
+(:mod:`nero_core._branch`), so the rule runs under ``jax.jit`` and ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
-
 
 from ._base import (
     Optimizer,
@@ -27,14 +30,15 @@ from ._base import (
     check_hyperparameter,
     check_params,
     compute_dtype,
+    device_of,
     namespace_of,
     zeros_beside,
 )
-from ._neurons import NeuronAxis, as_rows, balanced_rows, from_rows, neuron_axes, row_norm, row_sum
+from ._branch import cond, is_library, is_traced
+from ._closed_form import RowFactors, row_factors, start_sigma, step_rate
+from ._neurons import NeuronAxis, affine_write, as_rows, balanced_rows, from_rows, neuron_axes, neuron_sums, per_neuron
 
 __all__ = ["NeroState", "balanced", "nero"]
-
-SIGMA_FLOOR = 0.01  # sigma where a tensor starts at zero: the paper's default scale
 
 
 class NeroState(NamedTuple):
@@ -53,58 +57,120 @@ class NeroState(NamedTuple):
     skipped: Any
 
 
-
 def _state_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
     return shape if axis is None else (shape[axis],)
 
 
-def _with_floor(scale: Any, xp: Any) -> Any:
-    return xp.where(scale > 0, scale, xp.full_like(scale, SIGMA_FLOOR))
+class NeuronFactors(NamedTuple):
+    """One neuron tensor's step, per row: ``new = scale * (w - offset) - step * g - shift`` (``offset`` None: 0),
+    and its state after it (``v`` per row, ``sigma`` 0-d)."""
+
+    offset: Any
+    scale: Any
+    step: Any
+    shift: Any
+    v: Any
+    sigma: Any
 
 
-def _inverse_rms(v: Any, bias_correction: Any, xp: Any) -> Any:
-    """``1 / sqrt(v / bias_correction)`` where ``v > 0``, else 0: the 0/0 guard, without eps."""
-    positive = v > 0
-    safe = xp.where(positive, v, xp.ones_like(v))
-    # 1/sqrt(v/bc), not sqrt(bc/v): bc/v overflows float32 for tiny v (gradients ~1e-20), this cannot.
-    return xp.where(positive, 1 / xp.sqrt(safe / bias_correction), xp.zeros_like(v))
+def _fan_in(shape: tuple[int, ...], axis: int) -> int:
+    return math.prod(shape) // shape[axis] if shape[axis] else 1
 
 
-def _bias_correction(beta: Any, t: Any, dtype: Any, xp: Any) -> Any:
-    return xp.astype(1 - beta ** xp.astype(t, dtype), dtype, copy=False)
+def neuron_factors(
+    ws: Sequence[Any], gs: Sequence[Any], counts: Sequence[Any], vs: Sequence[Any], sigmas: Sequence[Any],
+    lrs: Sequence[Any], *, axes: Sequence[int], beta: Any, centre: bool, normalise: bool, xp: Any,
+    sums: Sequence[tuple[Any, ...]] | None = None,
+) -> list[NeuronFactors]:
+    """Phase one of Nero's step for neuron tensors whose state shares a dtype (and device): their per-row factors.
+
+    ``ws``, ``gs``: weights and gradients in the state's dtype, neurons on ``axes``; ``counts``, ``vs``,
+    ``sigmas``, ``lrs``: each tensor's state and lr. ``sums``: each tensor's five row sums where the caller took
+    them already (``neuron_sums``' order), else they are taken here (reads only).
+
+    The per-row maths (:func:`~nero_core._closed_form.row_factors`) runs once over all the tensors' rows, their
+    sums concatenated: a few dozen small operations per step, not per tensor. Where it flags a row whose closed form
+    cancels, the factors of every tensor come from the actual arrays instead (a branch other steps skip): the rows
+    centred before they are summed (the first update's ``offset``), then the closed form's output balanced again
+    by its own measured mean and norm; two more passes over memory, for the rare steps that need them.
+    """
+    rows = [v.shape[0] for v in vs]
+    shapes = [tuple(w.shape) for w in ws]
+    dtype = vs[0].dtype
+    if sums is None:
+        sums = [neuron_sums(w, g, axis, xp) for w, g, axis in zip(ws, gs, axes)]
+
+    def cat(parts: Sequence[Any]) -> Any:
+        return xp.concat(list(parts)) if len(parts) > 1 else parts[0]
+
+    def per_row(values: Sequence[Any], like: Any = None) -> Any:
+        """One value per tensor, as one per row (a shared value stays one)."""
+        if all(x is values[0] for x in values):
+            return values[0]
+        return cat([xp.broadcast_to(xp.asarray(x, dtype=like), (r,)) for x, r in zip(values, rows)])
+
+    def factors(sums: Sequence[tuple[Any, ...]]) -> RowFactors:
+        sw, sww, sg, sgg, swg = (cat([s[k] for s in sums]) for k in range(5))
+        return row_factors(
+            sw, sww, sg, sgg, swg, cat(vs), per_row(sigmas, dtype), per_row(counts),
+            fan_in=per_row([_fan_in(s, a) for s, a in zip(shapes, axes)], dtype), lr=per_row(lrs, dtype), beta=beta,
+            centre=centre, normalise=normalise, segments=rows, xp=xp,
+        )
+
+    f = factors(sums)
+
+    def split(x: Any) -> list[Any]:
+        starts = [sum(rows[:i]) for i in range(len(rows) + 1)]
+        return [x[a:b] for a, b in zip(starts, starts[1:])]
+
+    def closed_form() -> tuple[Any, ...]:
+        offsets = [xp.zeros_like(v) for v in vs] if is_traced(f.scale, xp) else [None] * len(vs)
+        return offsets, split(f.scale), split(f.step), split(f.shift), split(f.sigma) if f.sigma.ndim else f.sigma
+
+    def from_arrays() -> tuple[Any, ...]:
+        offsets, xs = [], []
+        for w, count, v, shape, axis in zip(ws, counts, vs, shapes, axes):
+            others = tuple(i for i in range(len(shape)) if i != axis)
+            mean = xp.sum(w, axis=others) / _fan_in(shape, axis)
+            offsets.append(xp.where(count == 0, mean, xp.zeros_like(v)) if centre else xp.zeros_like(v))
+            xs.append(w - per_neuron(offsets[-1], shape, axis, xp))
+        fx = factors([neuron_sums(x, g, axis, xp) for x, g, axis in zip(xs, gs, axes)])
+        out: list[list[Any]] = [[], [], []]
+        for x, g, shape, axis, scale, step, shift in zip(
+            xs, gs, shapes, axes, split(fx.scale), split(fx.step), split(fx.shift)
+        ):  # the closed form's output, balanced by its actual mean and norm
+            others = tuple(i for i in range(len(shape)) if i != axis)
+            y = affine_write(x, g, scale, step, shift, axis, xp)
+            mean = xp.sum(y, axis=others) / _fan_in(shape, axis) if centre else xp.zeros_like(scale)
+            if centre:
+                y = y - per_neuron(mean, shape, axis, xp)
+            norm = xp.sqrt(xp.sum(y * y, axis=others)) if normalise else xp.ones_like(scale)
+            d = xp.where(norm > 0, 1 / xp.where(norm > 0, norm, xp.ones_like(norm)), xp.ones_like(norm))
+            for parts, value in zip(out, (scale * d, step * d, (shift + mean) * d)):
+                parts.append(value)
+        return offsets, *out, split(fx.sigma) if fx.sigma.ndim else fx.sigma
+
+    offsets, scales, steps, shifts, sigma = cond(xp.any(f.recompute), from_arrays, closed_form, xp)
+    sigma_of = [s[0] if r else old for s, r, old in zip(sigma, rows, sigmas)] if isinstance(sigma, list) else (
+        [sigma] * len(vs))
+    return [NeuronFactors(*parts) for parts in zip(offsets, scales, steps, shifts, split(f.v), sigma_of)]
 
 
-def _update_neurons(
-    p: Any, g: Any, t: Any, v: Any, sigma: Any, *, axis: int, lr: Any, beta: Any, centre: bool, normalise: bool, xp: Any
-) -> tuple[Any, Any, Any]:
+def _elementwise_step(g: Any, t: Any, v: Any, sigma: Any, x: Any, *, lr: Any, beta: Any, xp: Any) -> tuple[Any, Any, Any]:
+    """Phase one of a bias-like tensor's step: its step per element ``c`` (``new = x - c * g``), new ``v`` and
+    sigma; ``x`` is the tensor in the state's dtype."""
     dtype = v.dtype
-    rows = as_rows(xp.astype(p, dtype, copy=False), axis, xp)
-    grad = as_rows(xp.astype(g, dtype, copy=False), axis, xp)
-    first = t == 0
-    if centre or normalise:
-        rows = xp.where(first, balanced_rows(rows, xp, centre=centre, normalise=normalise), rows)
-    start = xp.ones_like(sigma) if normalise else _with_floor(xp.mean(row_norm(rows, xp)) if rows.shape[0] else sigma, xp)
-    sigma = xp.where(first, start, sigma)
-    t = t + 1
-    v = xp.astype(beta * v + (1 - beta) * row_sum(grad * grad, xp)[:, 0], dtype, copy=False)
-    scale = xp.expand_dims(_inverse_rms(v, _bias_correction(beta, t, dtype, xp), xp), axis=1)
-    rows = rows - (lr * sigma) * (grad * scale)
-    if centre or normalise:
-        rows = balanced_rows(rows, xp, centre=centre, normalise=normalise)
-    return from_rows(rows, tuple(p.shape), axis, xp), v, sigma
-
-
-def _update_elementwise(p: Any, g: Any, t: Any, v: Any, sigma: Any, *, lr: Any, beta: Any, xp: Any) -> tuple[Any, Any, Any]:
-    dtype = v.dtype
-    x = xp.astype(p, dtype, copy=False)
-    grad = xp.astype(g, dtype, copy=False)
     size = math.prod(x.shape)
-    start = _with_floor(xp.sum(xp.abs(x)) / size if size else sigma, xp)
+    start = start_sigma(xp.sum(xp.abs(x)) / size, neuron=False, xp=xp) if size else sigma
     sigma = xp.where(t == 0, start, sigma)
-    t = t + 1
-    v = xp.astype(beta * v + (1 - beta) * (grad * grad), dtype, copy=False)
-    x = x - (lr * sigma) * (grad * _inverse_rms(v, _bias_correction(beta, t, dtype, xp), xp))
-    return x, v, sigma
+    v, c = step_rate(xp.astype(g, dtype, copy=False) ** 2, v, sigma, t, lr=lr, beta=beta, xp=xp)
+    return c, v, sigma
+
+
+def _device_key(x: Any, xp: Any) -> Any:
+    """What keeps state arrays apart when concatenated: their device (none under JAX, whose arrays in one
+    computation share one, or are sharded)."""
+    return None if is_library(xp, "jax.numpy") else str(device_of(x))
 
 
 def _all_finite(arrays: Sequence[Any], xp: Any) -> Any:
@@ -170,8 +236,9 @@ def nero(
     """Nero: per-neuron relative updates on balanced (zero-mean, unit-norm) neurons.
 
     Args:
-        lr: step size; each balanced neuron turns by about ``lr`` radians per step. A Python float, or a
-            0-d array (a schedule or ``inject_hyperparams``).
+        lr: step size; each balanced neuron turns by about ``lr`` radians per step. A Python float, a 0-d array
+            (``inject_hyperparams``, a tensor lr), or a schedule: a callable from the tensor's step count (updates
+            taken so far, a 0-d int32 array: 0 at the first update) to the lr, as optax's schedules are.
         beta: decay of the per-neuron second moment, in ``[0, 1)``.
         centre: keep every neuron's weights zero-mean.
         normalise: keep every neuron's weights unit-norm.
@@ -187,9 +254,12 @@ def nero(
     Returns:
         An :class:`Optimizer` pair ``(init, update)``.
     """
-    check_hyperparameter("lr", lr, low=0.0, high=math.inf, high_open=False)
+    if not callable(lr):
+        check_hyperparameter("lr", lr, low=0.0, high=math.inf, high_open=False)
     check_hyperparameter("beta", beta, low=0.0, high=1.0, high_open=True)
     skip = skip_mode(skip_nonfinite)
+    schedule: Callable[[Any], Any] = lr if callable(lr) else (lambda count: lr)
+    constraints = dict(beta=beta, centre=centre, normalise=normalise)
 
     def init(params: Sequence[Any], *, xp: Any = None) -> NeroState:
         params = list(params)
@@ -205,41 +275,83 @@ def nero(
         skipped = zeros_beside(xp, params[0], (), xp.int32) if params else xp.zeros((), dtype=xp.int32)
         return NeroState(tuple(count), tuple(v), tuple(sigma), skipped)
 
-    def update(grads: Sequence[Any], state: NeroState, params: Sequence[Any]) -> tuple[list[Any], NeroState]:
+    def update(
+        grads: Sequence[Any], state: NeroState, params: Sequence[Any], *, donate: bool = False
+    ) -> tuple[list[Any], NeroState]:
+        """The new parameters and state. ``donate=True`` gives up ``params`` (as ``jax.jit``'s ``donate_argnums``
+        does): where their library's arrays are mutable (NumPy, CuPy, PyTorch) the new values are written into
+        them, so a step needs no second copy of the parameters; use only the returned list afterwards (with
+        ``skip_nonfinite="neuron"`` nothing is written in place)."""
         grads, params = list(grads), list(params)
         xp = namespace_of(*params, *grads)
         check_params(xp, params)
         check_gradients(xp, grads, params)
         axes = neuron_axes([tuple(p.shape) for p in params], neuron_axis)
         _check_state(state, params, axes)
-        new_params, new_v, new_sigma = [], [], []
-        for p, g, t, v, sigma, axis in zip(params, grads, state.count, state.v, state.sigma, axes):
+        lrs = [schedule(t) for t in state.count]
+        # Phase one: every tensor's new v, and the neuron tensors' row factors (by state dtype, all their rows at
+        # once), before anything is written.
+        steps: list[Any] = [None] * len(params)
+        new_v, new_sigma = list(state.v), list(state.sigma)
+        neurons: dict[Any, list[int]] = {}
+        for i, (p, g, t, v, sigma, axis, lr_t) in enumerate(
+            zip(params, grads, state.count, state.v, state.sigma, axes, lrs)
+        ):
             if axis is None:
-                x, v, sigma = _update_elementwise(p, g, t, v, sigma, lr=lr, beta=beta, xp=xp)
+                x = xp.astype(p, v.dtype, copy=False)
+                steps[i], new_v[i], new_sigma[i] = _elementwise_step(g, t, v, sigma, x, lr=lr_t, beta=beta, xp=xp)
             else:
-                x, v, sigma = _update_neurons(
-                    p, g, t, v, sigma, axis=axis, lr=lr, beta=beta, centre=centre, normalise=normalise, xp=xp
-                )
-            new_params.append(xp.astype(x, p.dtype, copy=False))
-            new_v.append(v)
-            new_sigma.append(sigma)
+                neurons.setdefault((v.dtype, _device_key(v, xp)), []).append(i)
+        for group in neurons.values():
+            dtype = state.v[group[0]].dtype
+            found = neuron_factors(
+                [xp.astype(params[i], dtype, copy=False) for i in group],
+                [xp.astype(grads[i], dtype, copy=False) for i in group],
+                [state.count[i] for i in group], [state.v[i] for i in group], [state.sigma[i] for i in group],
+                [lrs[i] for i in group], axes=[axes[i] or 0 for i in group], **constraints, xp=xp,
+            )
+            for i, f in zip(group, found):
+                steps[i], new_v[i], new_sigma[i] = f, f.v, f.sigma
+
+        def write() -> tuple[list[Any], list[Any]]:
+            """Phase two: the new parameters, in their own dtypes (one affine write per neuron tensor)."""
+            out = []
+            for p, g, step, v, axis in zip(params, grads, steps, new_v, axes):
+                w, g = xp.astype(p, v.dtype, copy=False), xp.astype(g, v.dtype, copy=False)
+                in_place = (donate and skip != "neuron") or w is not p  # (a copy in the state's dtype is ours)
+                if axis is None:
+                    if in_place:
+                        w -= step * g
+                    else:
+                        w = w - step * g
+                else:
+                    w = affine_write(
+                        w, g, step.scale, step.step, step.shift, axis, xp, offset=step.offset, in_place=in_place
+                    )
+                out.append(xp.astype(w, p.dtype, copy=False))
+            return out, new_sigma
+
         new_count = [t + 1 for t in state.count]
-        new_state = NeroState(tuple(new_count), tuple(new_v), tuple(new_sigma), state.skipped)
         if skip is None:
-            return new_params, new_state
+            new_params, new_sigma = write()
+            return new_params, NeroState(tuple(new_count), tuple(new_v), tuple(new_sigma), state.skipped)
         if skip == "neuron":
+            new_params, new_sigma = write()
+            new_state = NeroState(tuple(new_count), tuple(new_v), tuple(new_sigma), state.skipped)
             return _keep_finite_neurons(new_params, new_state, params, state, axes, xp)
         # NaN or Inf in a gradient reaches its v, and so does a finite gradient whose square overflows the state's
         # dtype: checking the new v (one entry per neuron) catches both without another pass over the gradients.
+        # A skipped step writes nothing.
         finite = _all_finite(new_v, xp)
+        new_params, new_sigma = cond(finite, write, lambda: (list(params), list(state.sigma)), xp)
 
         def keep(new: Any, old: Any) -> Any:
             return xp.where(finite, new, old)
 
-        return [keep(n, o) for n, o in zip(new_params, params)], NeroState(
+        return new_params, NeroState(
             tuple(keep(n, o) for n, o in zip(new_count, state.count)),
             tuple(keep(n, o) for n, o in zip(new_v, state.v)),
-            tuple(keep(n, o) for n, o in zip(new_sigma, state.sigma)),
+            tuple(new_sigma),
             state.skipped + xp.astype(xp.logical_not(finite), state.skipped.dtype),
         )
 

@@ -63,7 +63,7 @@ class ReferenceNero:
             else:
                 norms = [math.sqrt(float(np.sum(r * r))) for r in w]
                 mean = sum(norms) / len(norms) if norms else 0.0
-                self.sigma[i] = mean if mean > 0 else 0.01
+                self.sigma[i] = mean if mean > 0 else 1.0  # all rows zero (a zero head): a unit row's norm
             self.v[i] = np.zeros(w.shape[0])
         self.t[i] += 1
         t, beta = self.t[i], self.beta

@@ -279,3 +279,126 @@ def test_tiny_float32_gradients_take_a_finite_normalised_step(backend):
     new, state = backend.jit(opt.update)(grads, opt.init(params), params)
     expected = 1.0 if float(backend.to_numpy(state.v[0])[0]) == 0 else 0.99
     np.testing.assert_allclose(backend.to_numpy(new[0]), expected, atol=1e-3)
+
+
+# ---- where the closed form (row sums, then one affine write) is weak: the rows are computed from the arrays ----
+
+
+def offset_problem(dtype, rows=6, fan_in=64, offset=1000.0):
+    rng = np.random.default_rng(15)
+    params = [rng.normal(offset, 1.0, size=(rows, fan_in)), rng.normal(size=(rows, fan_in))]
+    grads = [[rng.normal(size=(rows, fan_in)) for _ in range(2)] for _ in range(3)]
+    return [p.astype(dtype) for p in params], [[g.astype(dtype) for g in gs] for gs in grads]
+
+
+@pytest.mark.parametrize("options", [dict(), dict(normalise=False)], ids=["constrained", "centre-only"])
+def test_first_update_of_rows_with_a_large_common_offset_matches_reference(backend, options):
+    """Weights around 1000 with spread 1: |w - mean|^2 from |w|^2 and sum(w) cancels six digits."""
+    params, grads = offset_problem(np.float64)
+    history, _ = run_backend(backend, params, grads, **options)
+    assert max_deviation(history, run_reference(params, grads, **options)) <= 1e-12
+
+
+def test_first_update_of_rows_with_a_large_common_offset_is_exact_in_float32(backend):
+    params, grads = offset_problem(np.float32)
+    history, _ = run_backend(backend, params, grads)
+    rows = history[0][0].astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1, atol=5e-7)
+    np.testing.assert_allclose(rows.mean(axis=1), 0, atol=1e-8)
+    # Against the float64 rule on the same float32 inputs: the inputs' rounding (ulp(1000) / 2 = 3e-5, over a
+    # row spread of 8) is all that separates them.
+    reference = run_reference([p.astype(np.float64) for p in params], grads)
+    assert max_deviation(history[:1], reference[:1]) <= 1e-5
+
+
+def test_a_step_that_nearly_cancels_its_rows_matches_reference(backend):
+    """g along w and lr = 1 - 1e-4: the step leaves 1e-4 of each row, whose norm from sums would cancel 8 digits."""
+    rng = np.random.default_rng(16)
+    w = nero_core.balanced([rng.normal(size=(6, 64))])[0]
+    grads = [[w + 1e-6 * rng.normal(size=w.shape)]]
+    history, _ = run_backend(backend, [w], grads, lr=1 - 1e-4)
+    assert max_deviation(history, run_reference([w], grads, lr=1 - 1e-4)) <= 1e-12
+
+
+# ---- heads that learn; a schedulable lr -----------------------------------------------------------------------
+
+
+def test_zero_initialised_unconstrained_neuron_tensor_gets_a_unit_row_scale(backend):
+    """A zero head moves by about lr per row and step, as a normalised neuron does; bias-like zeros keep 0.01."""
+    params = [backend.asarray(np.zeros(s)) for s in [(3, 4), (4,), (2, 5)]]
+    params[2] = backend.asarray(np.full((2, 5), 0.5))  # a non-zero tensor keeps its mean row norm
+    opt = nero_core.nero(centre=False, normalise=False)
+    grads = [backend.asarray(np.ones(p.shape)) for p in params]
+    _, state = backend.jit(opt.update)(grads, opt.init(params), params)
+    sigmas = [float(backend.to_numpy(s)) for s in state.sigma]
+    assert sigmas == pytest.approx([1.0, 0.01, 0.5 * math.sqrt(5)])
+
+
+def test_zero_initialised_unconstrained_head_learns():
+    """A linear softmax head from zero, unconstrained (the usual advice for output layers): with the paper's
+    sigma of 0.01 it barely moves in 300 steps (loss 1.35 from log 4 = 1.39)."""
+    rng = np.random.default_rng(17)
+    x = rng.normal(size=(256, 32))
+    onehot = np.eye(4)[np.argmax(x @ rng.normal(size=(4, 32)).T, axis=1)]
+
+    def loss_and_grad(w):
+        z = x @ w.T
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        return -np.mean(np.log(np.sum(p * onehot, axis=1))), (p - onehot).T @ x / len(x)
+
+    losses = {}
+    for name, options in {"unconstrained": dict(centre=False, normalise=False), "constrained": {}}.items():
+        w = np.zeros((4, 32))
+        opt = nero_core.nero(**options)
+        state = opt.init([w])
+        for _ in range(300):
+            (w,), state = opt.update([loss_and_grad(w)[1]], state, [w])
+        losses[name] = loss_and_grad(w)[0]
+    assert losses["unconstrained"] < 0.4
+    assert losses["unconstrained"] < losses["constrained"]  # free to grow, it does better than unit rows
+
+
+@pytest.mark.parametrize("kind", ["schedule", "0-d array"])
+def test_lr_may_be_a_schedule_of_the_step_count_or_a_0d_array(backend, kind):
+    params, grads = make_problem(18)
+    xp = backend.xp
+
+    def schedule(count):  # in the backend's arrays (jitted too); float64, as the parameters are
+        return 0.05 * 0.8 ** xp.astype(count, xp.float64)
+
+    lr = schedule if kind == "schedule" else backend.asarray(np.float64(0.05))
+    history, state = run_backend(backend, params, grads, lr=lr)
+    ref = ReferenceNero([p.shape for p in params], [0] * len(params))
+    ps, reference = [np.asarray(p, np.float64) for p in params], []
+    for step, gs in enumerate(grads):
+        ref.lr = 0.05 * 0.8**step if kind == "schedule" else 0.05
+        ps = ref.step(ps, gs)
+        reference.append(ps)
+    assert max_deviation(history, reference) <= 1e-12
+    assert all(h.dtype == np.float64 for h in history[-1])
+
+
+def test_donated_params_take_the_same_step_in_place(backend):
+    """``update(..., donate=True)`` writes the new values into the given arrays where they are mutable: the same
+    step as the pure update, to rounding; a skipped step leaves them untouched."""
+    import functools
+
+    params, grads = make_problem(19)
+    pure, _ = run_backend(backend, params, grads[:3])
+    opt = nero_core.nero()
+    update = backend.jit(functools.partial(opt.update, donate=True))
+    ps = [backend.asarray(p) for p in params]
+    state = opt.init(ps)
+    for step, gs in enumerate(grads[:3]):
+        new, state = update([backend.asarray(g) for g in gs], state, ps)
+        if backend.name == "numpy":
+            assert all(n is p for n, p in zip(new, ps))
+        assert max_deviation([[backend.to_numpy(x) for x in new]], [pure[step]]) <= 1e-14
+        ps = new
+    before = [backend.to_numpy(p).copy() for p in ps]
+    bad = [backend.asarray(g) for g in grads[3]]
+    bad[0] = backend.asarray(np.full(grads[3][0].shape, np.nan))
+    new, state = update(bad, state, ps)
+    for x, b in zip(new, before):
+        np.testing.assert_array_equal(backend.to_numpy(x), b)

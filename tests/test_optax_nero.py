@@ -265,3 +265,81 @@ def test_learns_a_balanced_teacher(fused):
     assert start > 1.0
     assert float(loss(params)) < 1e-4
     np.testing.assert_allclose(np.asarray(params["w"]), teacher_w, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused path's weak spots (issue 18): its per-row maths is the core's row_factors; these pin where it once
+# differed from the core rule.
+
+
+@pytest.mark.parametrize("v", [1e-43, 1e-45, 2e-38, 1e-30], ids=["subnormal", "smallest", "tiny-normal", "small"])
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_factors_finite_for_a_dead_neurons_tiny_v(v, storage):
+    """A neuron whose gradients died out: ``v`` decayed to a float32 subnormal. ``sqrt(bc / v)`` (once in the
+    fused path) overflows there and ``0 * inf`` wrote NaN into the row; GPUs keep subnormals, XLA on CPU flushes
+    them, so the factor maths is checked on NumPy, which keeps them, with gradients as bf16 storage rounds them."""
+    import array_api_compat.numpy as xp
+    from nero_core._closed_form import row_factors
+
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rows, n = 3, 8
+    w = np.asarray(nero_core.balanced([np.random.default_rng(0).normal(size=(rows, n))])[0], np.float32)
+    g = np.full((rows, n), np.sqrt(v) / 10, np.float32)  # |g|^2 well below v: v stays near where it was
+    g[0] = 0  # and a neuron with no gradient at all this step
+    if storage == "bfloat16":
+        w, g = (x.astype(ml_dtypes.bfloat16).astype(np.float32) for x in (w, g))
+    sums = (w.sum(1), (w * w).sum(1), g.sum(1), (g * g).sum(1), (w * g).sum(1))
+    with np.errstate(under="ignore"):
+        f = row_factors(*sums, np.full(rows, v, np.float32), np.float32(1), np.int32(5000), fan_in=n, lr=0.01,
+                        beta=0.999, centre=True, normalise=True, xp=xp)
+        new = f.scale[:, None] * w - f.step[:, None] * g - f.shift[:, None]
+    assert all(np.all(np.isfinite(x)) for x in (*f[:5], new))
+    assert not f.recompute.any()
+    np.testing.assert_allclose(np.linalg.norm(new, axis=1), 1, atol=1e-5)
+    kept = (w[0] - w[0].mean()) / np.linalg.norm(w[0] - w[0].mean())  # (bf16 storage: balanced to its rounding)
+    np.testing.assert_allclose(new[0], kept, atol=1e-6)  # no gradient: the row stays where it was
+
+
+def test_first_update_of_rows_with_a_large_common_offset_is_exact_in_float32():
+    """Weights around 1000 with spread 1: the centred norm from sums cancelled six digits, and the fused path's rows
+    came out with norms from 0.7 to 1.3."""
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.normal(1000, 1, size=(64, 8)), jnp.float32)}
+    for seed in range(3):
+        grads = {"w": jnp.asarray(np.random.default_rng(seed).normal(size=(64, 8)), jnp.float32)}
+        opt = nero_optax.nero(0.01, neuron_axis=-1)
+        updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+        rows = np.asarray(optax.apply_updates(params, updates)["w"], np.float64).T
+        np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1, atol=2e-6)
+        np.testing.assert_allclose(rows.mean(axis=1), 0, atol=1e-7)
+
+
+def test_row_norms_do_not_drift_over_100k_float32_steps():
+    """The fused path once took the old rows' sums as (0, 1), a balance rounding only approximates: its row norms
+    random-walked 5e-5 from 1 in 100k steps, where the core rule, reading them, stays at rounding. One jitted scan."""
+    steps, shape = 100_000, (16, 8)
+    p0 = {"w": jax.random.normal(jax.random.key(0), shape, jnp.float32)}
+    keys = jax.random.split(jax.random.key(1), steps)
+
+    def worst_norm_error(opt):
+        def step(carry, key):
+            params, state = carry
+            updates, state = opt.update({"w": jax.random.normal(key, shape, jnp.float32)}, state, params)
+            params = optax.apply_updates(params, updates)
+            return (params, state), jnp.max(jnp.abs(jnp.linalg.norm(params["w"], axis=0) - 1))
+
+        return float(jax.jit(lambda p: jax.lax.scan(step, (p, opt.init(p)), keys)[1].max())(p0))
+
+    fused = worst_norm_error(nero_optax.nero(0.01, neuron_axis=-1))
+    core = worst_norm_error(nero_optax.nero(0.01, neuron_axis=-1, fused=False))
+    assert core < 1e-6
+    assert fused <= 2 * core
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_zero_initialised_unconstrained_neuron_leaf_gets_a_unit_row_scale(fused):
+    params = {"head": jnp.zeros((6, 3), jnp.float32), "bias": jnp.zeros((3,), jnp.float32)}
+    opt = nero_optax.nero(0.01, centre=False, normalise=False, fused=fused)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, state = jax.jit(opt.update)(grads, opt.init(params), params)
+    assert float(state.sigma["head"]) == 1.0 and float(state.sigma["bias"]) == pytest.approx(0.01)

@@ -312,3 +312,56 @@ def test_skip_nonfinite_takes_step_or_neuron():
         nero_torch.Nero(params, skip_nonfinite=False)
     with pytest.raises(ValueError, match=r"^skip_nonfinite must be True, False, 'step' or 'neuron', got 'row'$"):
         nero_torch.Nero(params, skip_nonfinite="row")
+
+
+# ---- where the fast path's closed form is weak, and heads that learn ----------------------------------------------
+
+
+def test_fast_path_step_that_nearly_cancels_a_row_matches_reference():
+    """A gradient along the row and lr = 1 - 1e-4: the step leaves 1e-4 of each row, whose norm from the old row's
+    sums cancels eight digits; the fast path balances the actual rows instead."""
+    from reference import ReferenceNero
+
+    gen = torch.Generator().manual_seed(3)
+    layer = nn.Linear(16, 6, bias=False).double()
+    opt = nero_torch.Nero(layer.parameters(), lr=1 - 1e-4)
+    first = torch.randn(6, 16, generator=gen, dtype=torch.float64)
+    first /= first.norm(dim=1, keepdim=True)  # |g| = 1 at both steps: the second step is then exactly lr long
+    ref = ReferenceNero([(6, 16)], [0], lr=1 - 1e-4)
+    expected = [layer.weight.detach().numpy().copy()]
+    for step in range(2):
+        grad = first if step == 0 else layer.weight.detach().clone()
+        expected = ref.step(expected, [grad.numpy()])
+        layer.weight.grad = grad
+        opt.step()
+    assert opt.state[layer.weight]["step"].item() == 2  # the second step took the fast path
+    # One rounding of c (1e-16) is amplified by |w| / |w - c g| = 1e4 in any implementation (2e-12 here); the
+    # closed form from the old row's sums would be off by about 1e-8.
+    assert (layer.weight.detach() - torch.from_numpy(expected[0])).abs().max().item() <= 1e-10
+
+
+def test_fast_path_row_norms_stay_at_rounding():
+    """The fast path reads the old rows' sums at every step (assumed balanced, float32 rows random-walk away from
+    unit norm); over 10k steps its worst row norm stays within rounding of 1, as the core rule's does (3e-7 in
+    tests/test_optax_nero.py's 100k steps)."""
+    gen = torch.Generator().manual_seed(4)
+    layer = nn.Linear(8, 16, bias=False)
+    opt = nero_torch.Nero(layer.parameters(), lr=0.01)
+    worst = 0.0
+    for _ in range(10_000):
+        layer.weight.grad = torch.randn(16, 8, generator=gen)
+        opt.step()
+        worst = max(worst, (layer.weight.detach().norm(dim=1) - 1).abs().max().item())
+    assert worst <= 1e-6
+
+
+def test_zero_initialised_unconstrained_head_gets_a_unit_row_scale():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    nn.init.zeros_(model[2].weight)
+    nn.init.zeros_(model[2].bias)
+    opt = nero_torch.Nero(nero_torch.param_groups(model, unconstrained=["2"]))
+    model(torch.randn(5, 6)).pow(2).sum().backward()
+    model[2].weight.grad += 1  # (a zero head's own gradient is zero until the layer before it moves)
+    opt.step()
+    assert opt.state[model[2].weight]["sigma"].item() == 1.0
+    assert opt.state[model[2].bias]["sigma"].item() == pytest.approx(0.01)

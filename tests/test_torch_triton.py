@@ -295,3 +295,84 @@ def test_triton_dispatch_without_triton_warns_once_and_falls_back(kernels, monke
     finally:
         _optimizer._triton_imports.cache_clear()
     assert max_deviation(got, train("mlp", torch.float64, 3, foreach=False)) <= TOLERANCE[torch.float64]
+
+
+# ---- the per-row maths against nero_core's closed form ------------------------------------------------------------
+
+
+def _row_terms_probe(sums, state, scalars, out, n, k, CENTRE: tl.constexpr, NORMALISE: tl.constexpr,
+                     ROWS: tl.constexpr):
+    """The kernels' per-row maths (``_new_v``, ``_step_size``, ``_row_terms``, ``_inverse_norm``) on given row
+    sums: writes ``v``, ``c``, ``mean``, ``1/norm`` and whether the sums cancel, one row each."""
+    rows = tl.arange(0, ROWS)
+    live = rows < n
+    sw = tl.load(sums + rows, mask=live, other=0.0)
+    ww = tl.load(sums + n + rows, mask=live, other=0.0)
+    sg = tl.load(sums + 2 * n + rows, mask=live, other=0.0)
+    gg = tl.load(sums + 3 * n + rows, mask=live, other=0.0)
+    wg = tl.load(sums + 4 * n + rows, mask=live, other=0.0)
+    beta, scale_lr, correction = tl.load(scalars), tl.load(scalars + 1), tl.load(scalars + 2)
+    dtype = state.dtype.element_ty
+    v = kernels_under_test._new_v(tl.load(state + rows, mask=live, other=0.0), gg, beta.to(dtype),
+                                  (1.0 - beta).to(dtype))
+    c = kernels_under_test._step_size(v, scale_lr, correction).to(dtype)
+    mean, spread, cancels = kernels_under_test._row_terms(sw, ww, wg, sg, gg, c, k, CENTRE, NORMALISE)
+    scale = kernels_under_test._inverse_norm(spread, NORMALISE).to(dtype)
+    for i, x in enumerate((v.to(tl.float64), c.to(tl.float64), mean, scale.to(tl.float64),
+                           cancels.to(tl.float64))):
+        tl.store(out + i * n + rows, x, mask=live)
+
+
+kernels_under_test = None  # nero_torch._triton, set by the test (the probe reads it as a global)
+
+
+def crafted_sums(case: str, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """``(sums, v, lr)``: the five sums (float64, of the rows as ``dtype`` holds them) of ``crafted_rows``, and a
+    case of its own: a row whose gradients died out, its ``v`` a float32 subnormal."""
+    if case == "subnormal v":
+        w, g, v, lr = crafted_rows("zero rows", dtype)
+        g[:3], v[:3] = 0.0, np.float32(1e-45) if dtype == torch.float32 else 1e-320
+    else:
+        w, g, v, lr = crafted_rows(case, dtype)
+    w64, g64 = w.astype(np.float64), g.astype(np.float64)
+    sums = np.stack([w64.sum(1), (w64 * w64).sum(1), g64.sum(1), (g64 * g64).sum(1), (w64 * g64).sum(1)])
+    return sums.astype(w.dtype), v, lr
+
+
+@pytest.mark.parametrize("centre, normalise", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", [*CASES, "subnormal v"])
+def test_triton_per_row_maths_matches_the_core_s_closed_form(case, dtype, centre, normalise, kernels, monkeypatch):
+    """The kernels' per-row maths, from a row's five sums, against ``nero_core._closed_form.row_factors`` (the
+    core's, in the state dtype) at a steady-state step: the same new ``v``, step size and factors
+    ``scale * w - step * g - shift`` wherever neither says the sums cancel, and both saying so on the rows
+    ``crafted_rows`` makes cancel (near-constant rows, a large common offset). A zero row keeps a unit scale; a
+    subnormal ``v`` gives a finite, huge step (never Inf, whose product with a zero gradient is NaN)."""
+    from nero_core._closed_form import row_factors
+
+    monkeypatch.setitem(globals(), "kernels_under_test", kernels)
+    sums, v, lr = crafted_sums(case, dtype)
+    n, k, t, beta = v.shape[0], 70, 3, 0.999
+    correction = 1 - beta ** (t + 1)
+    out = torch.zeros(5, n, dtype=torch.float64)
+    scalars = torch.tensor([beta, lr * 1.0, correction], dtype=torch.float64)  # sigma 1
+    triton.jit(_row_terms_probe)[(1,)](torch.from_numpy(sums), torch.from_numpy(v), scalars, out, n, k,
+                                       CENTRE=centre, NORMALISE=normalise, ROWS=8)
+    got_v, c, mean, scale, cancels = out.numpy()
+    xp = np  # the core on NumPy arrays of the state dtype
+    core = row_factors(*sums, v, np.asarray(1.0, v.dtype), np.asarray(t), fan_in=k, lr=lr, beta=beta, centre=centre,
+                       normalise=normalise, xp=xp)
+    rtol = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    np.testing.assert_array_equal(got_v, core.v.astype(np.float64))
+    trusted = (cancels == 0) & ~core.recompute
+    if case in ("near-constant", "common offset") and centre and normalise:
+        assert cancels[:3].all() and core.recompute[:3].all()
+    assert trusted[3:].all()  # balanced rows: the closed form holds
+    dead = (np.arange(n) < 3) & (case == "subnormal v")
+    assert np.isfinite(c).all() and (c[dead] > 1e15).all()
+    np.testing.assert_allclose(c[~dead], core.rate[~dead], rtol=rtol)
+    for name, mine, theirs in (("scale", scale, core.scale), ("step", scale * c, core.step),
+                               ("shift", scale * mean, core.shift)):
+        keep = trusted & ~dead if name == "step" else trusted
+        np.testing.assert_allclose(mine[keep], theirs[keep], rtol=rtol, atol=rtol * np.abs(theirs[keep]).max(),
+                                   err_msg=name)

@@ -2,8 +2,8 @@
 use with the system's C++ compiler against the headers jaxlib ships, cached (see ``nero_core._kernels``) and
 registered with JAX.
 
-It reads a neuron tensor's gradient and weights once for the three per-neuron sums the step needs before it
-writes; without it XLA on CPU reads the gradient three times for them. Where it does not apply (another
+It reads a neuron tensor's gradient and weights once for the five per-neuron sums the step needs before it
+writes; without it XLA on CPU reads each of them once per sum it takes. Where it does not apply (another
 platform, more than one device, a dtype other than float32/float64, neurons on a middle axis) or cannot be
 built, :func:`sums` is not used and the step takes the sums with ``jnp.sum``: the same maths.
 """
@@ -59,10 +59,11 @@ def applies(w: Any, axis: int) -> bool:
     )
 
 
-def sums(g: Any, w: Any, axis: int) -> tuple[Any, Any, Any]:
-    """Per neuron ``sum(g)``, ``|g|^2`` and ``<w, g>`` in one read of ``g`` and ``w`` (see :func:`applies`)."""
+def sums(g: Any, w: Any, axis: int) -> tuple[Any, Any, Any, Any, Any]:
+    """Per neuron ``sum(w)``, ``|w|^2``, ``sum(g)``, ``|g|^2`` and ``<w, g>`` in one read of ``g`` and ``w`` (see
+    :func:`applies`): the sums ``nero_core``'s ``row_factors`` takes, in its order."""
     last = axis % g.ndim == g.ndim - 1
-    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((3, g.shape[axis]), g.dtype), vmap_method="sequential")(
+    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((5, g.shape[axis]), g.dtype), vmap_method="sequential")(
         g, w, neurons_last=np.int64(last)
     )
-    return out[0], out[1], out[2]
+    return out[0], out[1], out[2], out[3], out[4]

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nero_core._closed_form import start_sigma
+
 from ._functional import (
     StepSizes, TensorSpec, _per_row, _row_terms, apply_step, compute_dtype, sizes_from_sums, squared_norms, step_sizes,
 )
@@ -267,7 +269,7 @@ class ShardedStep:
         for it, total in zip(owners, reduced):
             count = it.p.shape[it.spec.axis] if it.spec.axis is not None else it.p.numel()
             mean = total / count
-            it.sigma = torch.where(mean > 0, mean, 0.01)  # the core's floor for a tensor that starts at zero
+            it.sigma = start_sigma(mean, neuron=it.spec.axis is not None, xp=torch)  # the core's floors where 0
         return agreed
 
     def _agree(self, local: list[Tensor], pieces: list[tuple[Any, tuple[int, ...], Tensor]]) -> tuple[Tensor, list]:

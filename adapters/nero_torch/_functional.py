@@ -8,28 +8,29 @@ Per-parameter state (what ``Nero.state[p]`` holds)::
 
 The compute dtype is float64 for float64 parameters and float32 otherwise (bf16/fp16 keep float32 state).
 
-The fast kernel is exact algebra, not an approximation. For a neuron row ``w`` with gradient ``g`` and
-``c = lr * sigma / sqrt(v_hat)``, the core rule sets ``y = w - c*g``, ``m = mean(y)``, ``s = |y - m|`` and
-``w' = (y - m) / s``. All of ``m`` and ``s`` follow from five row sums of the OLD row::
-
-    sum(y) = sum(w) - c*sum(g)
-    |y - m|^2 = |w|^2 - 2c<w, g> + c^2|g|^2 - sum(y)^2 / k
-
-A steady-state step is two phases: :func:`step_sizes` reads ``g`` once (``|g|^2``, ``sum(g)``, hence ``v`` and
-``c``; the new ``v`` is also the non-finite check), and :func:`apply_step` reads ``w, g`` for the other sums and writes
-``w' = (w - c*g - m) / s`` with per-row scalars; under ``torch.compile`` both happen in one loop over rows. The
-first update of a tensor (projection of the initial weights and the choice of sigma) is not in this form; it is
-left to the core rule, exactly (:func:`reference_update`).
+The fast kernel is the core's closed form (:mod:`nero_core._closed_form`), not an approximation: for a neuron row
+``w`` with gradient ``g`` and ``c = lr * sigma / sqrt(v_hat)``, the core rule's ``balanced(w - c*g)`` is
+``scale * w - step * g - shift`` with per-row factors that follow from five row sums of the OLD row, ``sum(w)``,
+``|w|^2``, ``<w, g>``, ``sum(g)`` and ``|g|^2``. A steady-state step is two phases: :func:`step_sizes` reads ``g``
+once (``|g|^2``, ``sum(g)``, hence ``v`` and ``c`` by the core's :func:`~nero_core._closed_form.step_rate`; the new
+``v`` is also the non-finite check), and :func:`apply_step` reads ``w, g`` for the other sums, turns them into the
+factors by the core's :func:`~nero_core._closed_form.balance_factors` and writes; under ``torch.compile`` both
+happen in one loop over rows. Eagerly, a tensor with a row whose factors would cancel (a step of the order of the
+row's norm) is balanced from its actual rows instead. The first update of a tensor (projection of the initial
+weights and the choice of sigma) is left to the core rule (:func:`reference_update`).
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import array_api_compat.torch as xp
 import torch
 from torch import Tensor
 
 import nero_core
+from nero_core._closed_form import balance_factors, step_rate
+from nero_core._neurons import balanced_rows
 
 __all__ = [
     "StepSizes", "TensorSpec", "apply_step", "compute_dtype", "reference_update", "sizes_from_sums", "squared_norms",
@@ -94,17 +95,16 @@ def squared_norms(g: Tensor, spec: TensorSpec) -> Tensor:
 class StepSizes(NamedTuple):
     """Phase one of a steady-state update, from the gradient alone (one read of it).
 
-    ``c`` is the signed step ``lr * sigma / sqrt(v_hat)`` per row (per element for bias-like tensors);
-    ``c_sg = c*sum(g)`` and ``cc_gg = c^2 |g|^2`` per row (None for bias-like tensors); ``sg`` is the row sums of
-    ``g`` (bias-like: ``g``). The new ``v`` is finite exactly when the row holds no NaN or Inf and its squares fit
-    the state's dtype, so it doubles as the non-finite check at no extra pass.
+    ``c`` is the signed step ``lr * sigma / sqrt(v_hat)`` per row (per element for bias-like tensors); ``sg`` and
+    ``gg`` are the row sums of ``g`` and of its square (bias-like: ``g`` and ``g*g``). The new ``v`` is finite
+    exactly when the row holds no NaN or Inf and its squares fit the state's dtype, so it doubles as the non-finite
+    check at no extra pass.
     """
 
     v: Tensor
     c: Tensor
-    c_sg: Tensor | None
-    cc_gg: Tensor | None
     sg: Tensor
+    gg: Tensor
 
 
 def step_sizes(
@@ -124,16 +124,9 @@ def sizes_from_sums(
 ) -> StepSizes:
     """:func:`step_sizes` from the gradient's sums ``|g_row|^2`` and ``sum(g_row)`` (bias-like, ``rows=False``:
     ``g*g`` and ``g``), wherever they were summed (here, or across the ranks that share a row)."""
-    v, sigma = state["v"], state["sigma"]
-    v_new = beta * v + (1 - beta) * gg
-    positive = v_new > 0
-    bias_correction = 1 - beta ** (state["step"].to(v.dtype) + 1)
-    inv_rms = torch.where(positive, torch.rsqrt(torch.where(positive, v_new, 1.0) / bias_correction), 0.0)
-    c = (lr * sigma) * inv_rms * (-1.0 if maximize else 1.0)
-    if not rows:
-        return StepSizes(v_new, c, None, None, sg)
-    # (c*|g|)^2, not c*c*|g|^2: for gradients near 1e-25, c ~ lr/|g| squares past float32's range
-    return StepSizes(v_new, c, c * sg, (c * gg.sqrt()).square(), sg)
+    signed_lr = -lr if maximize else lr
+    v, c = step_rate(gg, state["v"], state["sigma"], state["step"], lr=signed_lr, beta=beta, xp=xp)
+    return StepSizes(v, c, sg, gg)
 
 
 def apply_step(p: Tensor, g: Tensor, state: dict[str, Tensor], spec: TensorSpec, sizes: StepSizes,
@@ -156,8 +149,9 @@ def apply_step(p: Tensor, g: Tensor, state: dict[str, Tensor], spec: TensorSpec,
     else:
         dims = [d for d in range(p.ndim) if d != spec.axis]
         sums = (w * w).sum(dims), w.sum(dims), (w * grad).sum(dims)
-        c, mean, scale = (_per_row(x, p, spec.axis) for x in _row_terms(*sums, sizes, spec, w.numel()))
-        new = (w - c * grad - mean) * scale
+        factors = _balance(*sums, sizes, spec, w.numel())
+        scale, step, shift = (_per_row(x, p, spec.axis) for x in factors[:3])
+        new = scale * w - step * grad - shift
     p.copy_(torch.where(finite, new, w))
     state["v"].copy_(torch.where(finite, sizes.v, state["v"]))
     state["step"].add_(finite.to(state["step"].dtype))
@@ -171,30 +165,37 @@ def _apply_eager(p: Tensor, g: Tensor, spec: TensorSpec, sizes: StepSizes, dtype
     else:
         w, grad = _rows(p.to(dtype), spec.axis), _rows(g.to(dtype), spec.axis)
         sums = torch.linalg.vector_norm(w, dim=1).square(), w.sum(1), (w * grad).sum(1)
-        c, mean, scale = (x[:, None] for x in _row_terms(*sums, sizes, spec, p.numel()))
+        factors = _balance(*sums, sizes, spec, p.numel())
         in_place = w.data_ptr() == p.data_ptr() and spec.axis == 0 and p.is_contiguous()  # w is p, as rows
-        w = (w if in_place else w.clone()).addcmul_(grad, c, value=-1).sub_(mean).mul_(scale)
+        if bool(factors.recompute.any()):  # the closed form cancels in some row: balance the actual rows
+            w = balanced_rows(w - sizes.c[:, None] * grad, xp, centre=spec.centre, normalise=spec.normalise)
+        else:
+            scale, step, shift = (x[:, None] for x in factors[:3])
+            w = (w if in_place else w.clone()).mul_(scale).addcmul_(grad, step, value=-1).sub_(shift)
         w = w.reshape(p.movedim(spec.axis, 0).shape).movedim(0, spec.axis)
     if w.data_ptr() != p.data_ptr():
         p.copy_(w)
 
 
 def _per_row(x: Tensor, p: Tensor, axis: int) -> Tensor:
-    """Reshape a ``(neurons,)`` vector so that it broadcasts along ``p``'s neuron axis."""
+    """Reshape a ``(neurons,)`` vector so that it broadcast along ``p``'s neuron axis."""
     shape = [1] * p.ndim
     shape[axis] = p.shape[axis]
     return x.reshape(shape)
 
 
+def _balance(ww: Tensor, sw: Tensor, wg: Tensor, sizes: StepSizes, spec: TensorSpec, numel: int) -> Any:
+    """The core's factors of ``balanced(w - c*g)`` per row, from the old row's sums and phase one's."""
+    k = numel // sizes.c.shape[0]  # zero-size tensors never come here: the core rule takes them
+    return balance_factors(
+        sw, ww, sizes.sg, sizes.gg, wg, sizes.c, fan_in=k, centre=spec.centre, normalise=spec.normalise, xp=xp
+    )
+
+
 def _row_terms(
     ww: Tensor, sw: Tensor, wg: Tensor, sizes: StepSizes, spec: TensorSpec, numel: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``c, mean, scale`` per row with ``balanced(w - c*g) = (w - c*g - mean) * scale``, from the old row's sums."""
-    k = numel // sizes.c.shape[0]  # zero-size tensors never come here: the core rule takes them
-    sy = sw - sizes.c_sg  # type: ignore[operator]  # set for neuron tensors, the only ones here
-    mean = sy / k if spec.centre else torch.zeros_like(sy)
-    if not spec.normalise:
-        return sizes.c, mean, torch.ones_like(sy)
-    sq = ww - 2 * sizes.c * wg + sizes.cc_gg - sy * mean  # type: ignore[operator]  # |w - c*g - mean|^2
-    # A zero row stays zero at any finite scale; one plain use of sq lets inductor keep it in the row loop.
-    return sizes.c, mean, sq.clamp_min(torch.finfo(sq.dtype).tiny).rsqrt()
+    """``c, mean, scale`` per row with ``balanced(w - c*g) = (w - c*g - mean) * scale`` (the form the DTensor
+    path writes), from the core's factors."""
+    factors = _balance(ww, sw, wg, sizes, spec, numel)
+    return sizes.c, factors.shift / factors.scale, factors.scale

@@ -411,8 +411,8 @@ def _step_sizes_flat(g, v, step, sigma, spec, *, lr, beta, maximize) -> StepSize
     return step_sizes(g, {"v": v, "step": step, "sigma": sigma}, spec, lr=lr, beta=beta, maximize=maximize)
 
 
-def _apply_step_flat(p, g, v, step, sigma, spec, v_new, c, c_sg, cc_gg, sg, finite) -> None:
-    apply_step(p, g, {"v": v, "step": step, "sigma": sigma}, spec, StepSizes(v_new, c, c_sg, cc_gg, sg), finite)
+def _apply_step_flat(p, g, v, step, sigma, spec, v_new, c, sg, gg, finite) -> None:
+    apply_step(p, g, {"v": v, "step": step, "sigma": sigma}, spec, StepSizes(v_new, c, sg, gg), finite)
 
 
 _COMPILED: dict[Callable, Callable] = {}

@@ -31,6 +31,7 @@ optimizer or an option (``Star``, ``fused=``, ``skip_nonfinite="neuron"``) makes
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -175,9 +176,10 @@ def _array_api_case(backend: str, optimizer: str, tensors: Sequence[Tensor]) -> 
     if optimizer == "nero":
         rule = _require("nero_core", "nero")(NERO_LR)
         holder = {"params": params, "state": rule.init(params)}
+        options = _donating(rule.update)
 
         def step() -> None:
-            holder["params"], holder["state"] = rule.update(grads, holder["state"], holder["params"])
+            holder["params"], holder["state"] = rule.update(grads, holder["state"], holder["params"], **options)
             sync()
 
         return Case(step, lambda: holder["state"], device_peak)
@@ -223,9 +225,18 @@ class _TorchCoreRule:
         self.state = self.rule.init([p.detach() for p in params])
 
     def step(self) -> None:
-        new, self.state = self.rule.update([p.grad for p in self.params], self.state, [p.detach() for p in self.params])
-        for p, n in zip(self.params, new):
-            p.detach().copy_(n)
+        params = [p.detach() for p in self.params]
+        new, self.state = self.rule.update([p.grad for p in self.params], self.state, params,
+                                           **_donating(self.rule.update))
+        for p, n in zip(params, new):
+            if n.data_ptr() != p.data_ptr():  # (written in place where the rule takes donate=True)
+                p.copy_(n)
+
+
+def _donating(update: Callable[..., Any]) -> dict[str, Any]:
+    """``{"donate": True}`` where the core's update takes it (it then writes the new values into the parameters, as
+    a user's training loop would let it), else nothing (older revisions in the benchmark history)."""
+    return {"donate": True} if "donate" in inspect.signature(update).parameters else {}
 
 
 def _with_options(make: Callable[..., Any], *args: Any, **options: Any) -> Any:
