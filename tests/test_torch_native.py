@@ -227,3 +227,23 @@ def test_kernel_tests_skip_without_a_c_compiler(monkeypatch):
             c_kernel()
     finally:
         _native.library.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_per_row_maths_agree_with_the_core_s_row_factors(case, dtype, kernel_steps):
+    """The kernel's per-row maths (the new v, c, mean and norm of y from the old row's five sums) against the core's
+    :func:`nero_core._closed_form.row_factors` on the same sums: the same rows, to the dtype's tolerance, wherever
+    the closed form is trusted (``recompute`` False); where it is not, the kernel's rows are the reference's."""
+    from nero_core import _closed_form as closed_form
+    w, g, v, lr = crafted_rows(case, dtype)
+    got, got_v = kernel_step(w, g, v, dtype, lr=lr)
+    w64, g64 = w.astype(np.float64), g.astype(np.float64)
+    sums = w64.sum(1), (w64 * w64).sum(1), g64.sum(1), (g64 * g64).sum(1), (w64 * g64).sum(1)
+    f = closed_form.row_factors(*sums, v.astype(np.float64), np.float64(1.0), np.float64(3), fan_in=w.shape[1], lr=lr,
+                                beta=0.999, centre=True, normalise=True, xp=np)
+    from_factors = f.scale[:, None] * w64 - f.step[:, None] * g64 - f.shift[:, None]
+    expected = np.where(f.recompute[:, None], reference_step(w, g, v, lr=lr), from_factors)
+    tolerance = 1e-3 if dtype == torch.float32 and case == "near-constant" else TOLERANCE[dtype]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=tolerance)
+    np.testing.assert_allclose(got_v.numpy(), f.v, rtol=TOLERANCE[dtype], atol=0)
