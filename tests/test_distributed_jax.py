@@ -58,21 +58,16 @@ def report(tmp_path_factory, worker_id) -> dict:
     return json.loads(done.read_text())
 
 
-# Explicit-sharding meshes (jax.sharding.AxisType.Explicit) with the default fused kernel; the core rule
-# (fused=False) reshapes a kernel to rows, which explicit sharding refuses when a fan-in axis of a conv is sharded.
+# Explicit-sharding meshes (jax.sharding.AxisType.Explicit), with the fused kernel and the core rule (both sum over
+# the other axes in place: explicit sharding refuses a reshape that merges a sharded fan-in axis of a conv).
 CASES = {
     True: [(layout, "auto") for layout in LAYOUTS] + [(layout, "explicit") for layout in ("neurons", "fan_in", "both")],
     False: [(layout, "auto") for layout in LAYOUTS] + [("neurons", "explicit"), ("fan_in", "explicit")],
 }
-CORE_RESHAPE = pytest.mark.xfail(
-    strict=True, reason="nero_core's as_rows reshape of a (kh, kw, in, out) kernel sharded on `in` under explicit "
-    "sharding: jax asks for out_sharding",
-)
 
 
 @pytest.mark.parametrize("layout, mesh, fused", [
-    pytest.param(layout, mesh, fused, marks=[CORE_RESHAPE] if (mesh, fused, layout) == ("explicit", False, "fan_in")
-                 else []) for fused, cases in CASES.items() for layout, mesh in cases
+    (layout, mesh, fused) for fused, cases in CASES.items() for layout, mesh in cases
 ])
 def test_sharded_update_matches_unsharded_and_keeps_shardings(report, layout, mesh, fused):
     case = report["cases"][f"{layout}/{mesh}/fused={fused}"]

@@ -44,9 +44,11 @@ def test_sums_match_float64_numpy(native, shape, axis, dtype):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     others = tuple(i for i in range(len(shape)) if i != axis % len(shape))
     g64, w64 = g.astype(np.float64), w.astype(np.float64)
-    expected = (g64.sum(others), (g64 * g64).sum(others), (w64 * g64).sum(others))
+    expected = (w64.sum(others), (w64 * w64).sum(others), g64.sum(others), (g64 * g64).sum(others),
+                (w64 * g64).sum(others))  # row_factors' order: sum(w), |w|^2, sum(g), |g|^2, <w, g>
     fan_in = g.size // shape[axis]
     tolerance = (1e-6 if dtype == np.float32 else 1e-14) * fan_in  # float rounding of a sum of fan_in terms
+    assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert a.dtype == dtype and a.shape == (shape[axis],)
         np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=0, atol=tolerance * (1 + np.abs(b).max()))

@@ -310,8 +310,10 @@ def test_first_update_of_rows_with_a_large_common_offset_is_exact_in_float32():
         opt = nero_optax.nero(0.01, neuron_axis=-1)
         updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
         rows = np.asarray(optax.apply_updates(params, updates)["w"], np.float64).T
-        np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1, atol=2e-6)
-        np.testing.assert_allclose(rows.mean(axis=1), 0, atol=1e-7)
+        # optax's update is new - p: with p around 1000 it carries float32's rounding there (ulp(1000) / 2 = 3e-5
+        # per element), which apply_updates adds back; the cancelled closed form was off by 0.3.
+        np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-4)
+        np.testing.assert_allclose(rows.mean(axis=1), 0, atol=1e-4)
 
 
 def test_row_norms_do_not_drift_over_100k_float32_steps():
