@@ -38,6 +38,10 @@ from benchmarks.machine import describe, summary  # noqa: E402
 from benchmarks.shapes import SHAPE_SETS, largest_tensor, parameter_count  # noqa: E402
 # The issue's targets on the GPT-2-like set, CPU: (backend family, reference, largest allowed ratio).
 TARGETS = [("torch", "adam-fused", 0.6), ("torch", "sgd", 1.3), ("jax", "adam", 0.75)]
+# The core rule's own targets (issue 24): (backend, its case, reference case, largest allowed ratio of step times).
+CORE_TARGETS = [("numpy", "nero", "sgd", 5.0), ("jax-cpu", "nero-core", "nero", 1.5),
+                ("torch-cpu", "nero-core", "adam-fused", 3.0)]
+CORE_EXTRA_TARGET = 2.0  # the NumPy core's peak extra during a step / the largest parameter
 STATE_TARGET = 0.005  # Nero's state / Adam's
 EXTRA_TARGET = 1.0  # peak extra during a step / the largest parameter
 
@@ -137,6 +141,19 @@ def target_lines(rows: list[dict]) -> list[str]:
     by_key = {(r["backend"], r["optimizer"]): r for r in rows if r["shapes"] == "gpt2"}
     for (backend, optimizer), r in sorted(by_key.items()):
         if not optimizer.startswith("nero") or backend.endswith(("cuda", "gpu")) or backend == "cupy":
+            continue
+        core = [t for t in CORE_TARGETS if t[:2] == (backend, optimizer)]
+        if core:  # the core rule: its own targets, against the step it must come close to
+            _, _, ref, limit = core[0]
+            checks = []
+            if (backend, ref) in by_key and r["ms"] and by_key[(backend, ref)]["ms"]:
+                value = r["ms"] / by_key[(backend, ref)]["ms"]
+                checks.append(f"vs {ref} {value:.2f}x (<= {limit}: {'ok' if value <= limit else 'MISS'})")
+            if backend == "numpy" and r["extra_x_largest"] is not None:
+                ok = r["extra_x_largest"] <= CORE_EXTRA_TARGET
+                checks.append(f"extra {r['extra_x_largest']:.2f}x largest param (<= {CORE_EXTRA_TARGET:g}: "
+                              f"{'ok' if ok else 'MISS'})")
+            out.append(f"- gpt2 {backend} {optimizer} (the core rule): " + "; ".join(checks))
             continue
         checks = []
         for fam, ref, limit in TARGETS:

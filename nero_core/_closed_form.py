@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "BIAS_SIGMA_FLOOR", "Balance", "NEURON_SIGMA_FLOOR", "RowFactors", "balance_factors", "inverse_rms", "row_factors",
+    "segment_means",
     "start_sigma", "step_rate",
 ]
 
@@ -101,7 +102,7 @@ def _safe_rsqrt(x: Any, xp: Any) -> Any:
     return xp.where(positive, 1 / xp.sqrt(xp.where(positive, x, xp.ones_like(x))), xp.ones_like(x))
 
 
-def _segment_means(x: Any, segments: Sequence[int] | None, xp: Any) -> Any:
+def segment_means(x: Any, segments: Sequence[int] | None, xp: Any) -> Any:
     """The mean of ``x`` over all rows (0-d), or per segment of consecutive rows, broadcast back to its rows."""
     if segments is None:
         return xp.mean(x)
@@ -187,9 +188,9 @@ def row_factors(
     s0, q0, x0 = a * (sw - n * m), a * a * xp.maximum(centred, zero), a * (swg - m * sg)
     if sw.shape[0]:  # (a tensor with no rows keeps its sigma)
         if normalise:
-            start = xp.ones_like(_segment_means(sw, segments, xp))
+            start = xp.ones_like(segment_means(sw, segments, xp))
         else:
-            start = start_sigma(_segment_means(xp.sqrt(q0), segments, xp), neuron=True, xp=xp)
+            start = start_sigma(segment_means(xp.sqrt(q0), segments, xp), neuron=True, xp=xp)
         sigma = xp.where(first, start, sigma)
     v, c = step_rate(sgg, v, sigma, count, lr=lr, beta=beta, xp=xp)
     b = balance_factors(s0, q0, sg, sgg, x0, c, fan_in=n, centre=centre, normalise=normalise, xp=xp)

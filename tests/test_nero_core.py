@@ -320,6 +320,32 @@ def test_a_step_that_nearly_cancels_its_rows_matches_reference(backend):
     assert max_deviation(history, run_reference([w], grads, lr=1 - 1e-4)) <= 1e-12
 
 
+@pytest.mark.parametrize("donate", [False, True], ids=["new-arrays", "donate"])
+def test_blocks_of_rows_match_reference(backend, donate, monkeypatch):
+    """Eager arrays are summed and written a block of rows at a time (1 KiB blocks here: two rows of 64, the last
+    block short); a Fortran-ordered NumPy parameter is written through its view. With ``donate=True`` the
+    parameters themselves hold the step wherever their library's arrays are mutable."""
+    import nero_core._neurons
+
+    monkeypatch.setattr(nero_core._neurons, "BLOCK_BYTES", 1024)
+    rng = np.random.default_rng(21)
+    params = [rng.normal(size=(7, 64)), rng.normal(size=(5, 3, 4, 4)), rng.normal(size=(9, 40)), rng.normal(size=(6,))]
+    if backend.name == "numpy":
+        params[2] = np.asfortranarray(params[2])
+    grads = [[rng.normal(size=p.shape) for p in params] for _ in range(4)]
+    opt = nero_core.nero()
+    ps = [backend.asarray(p.copy(order="K")) for p in params]  # (copies: with donate the step writes into them)
+    state = opt.init(ps)
+    history = []
+    for gs in grads:
+        given = ps
+        ps, state = opt.update([backend.asarray(g) for g in gs], state, ps, donate=donate)
+        if donate and backend.name in ("numpy", "torch"):
+            assert all(new is old for new, old in zip(ps, given))
+        history.append([np.array(backend.to_numpy(p)) for p in ps])  # (a copy: the next step writes into ps)
+    assert max_deviation(history, run_reference(params, grads)) <= 1e-12
+
+
 # ---- heads that learn; a schedulable lr -----------------------------------------------------------------------
 
 
