@@ -34,7 +34,7 @@ from ._base import (
     namespace_of,
     zeros_beside,
 )
-from ._branch import cond, is_library, is_traced
+from ._branch import cond, is_library, is_traced, select
 from ._closed_form import RowFactors, row_factors, segment_means, start_sigma, step_rate
 from ._neurons import NeuronAxis, affine_write, as_rows, balanced_rows, from_rows, neuron_axes, neuron_sums, per_neuron
 
@@ -210,7 +210,15 @@ def _device_key(x: Any, xp: Any) -> Any:
 
 
 def _all_finite(arrays: Sequence[Any], xp: Any) -> Any:
+    """Whether every element of ``arrays`` is finite, as a 0-d bool array. Eager arrays (not JAX's) are checked a
+    dtype and device at a time, concatenated: three operations per tensor cost a model of many small ones more
+    than its step."""
     finite = xp.asarray(True)
+    if arrays and not is_library(xp, "jax.numpy") and not is_traced(arrays[0], xp):
+        groups: dict[Any, list[Any]] = {}
+        for a in arrays:
+            groups.setdefault((a.dtype, _device_key(a, xp)), []).append(xp.reshape(a, (-1,)))
+        arrays = [xp.concat(group) if len(group) > 1 else group[0] for group in groups.values()]
     for a in arrays:
         finite = xp.logical_and(finite, xp.all(xp.isfinite(a)))
     return finite
@@ -386,7 +394,7 @@ def nero(
         new_params, new_sigma = cond(finite, write, lambda: (list(params), list(state.sigma)), xp)
 
         def keep(new: Any, old: Any) -> Any:
-            return xp.where(finite, new, old)
+            return select(finite, new, old, xp)  # (on eager arrays the branch just taken, not a where per tensor)
 
         return new_params, NeroState(
             tuple(keep(n, o) for n, o in zip(new_count, state.count)),
