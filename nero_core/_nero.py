@@ -36,7 +36,9 @@ from ._base import (
 )
 from ._branch import cond, is_library, is_traced, select
 from ._closed_form import RowFactors, row_factors, segment_means, start_sigma, step_rate
-from ._neurons import NeuronAxis, affine_write, as_rows, balanced_rows, from_rows, neuron_axes, neuron_sums, per_neuron
+from ._neurons import (
+    NeuronAxis, _safe_reciprocal, affine_write, as_rows, balanced_rows, from_rows, neuron_axes, neuron_sums, per_neuron,
+)
 
 __all__ = ["NeroState", "balanced", "nero"]
 
@@ -77,6 +79,18 @@ def _fan_in(shape: tuple[int, ...], axis: int) -> int:
     return math.prod(shape) // shape[axis] if shape[axis] else 1
 
 
+def _concat(parts: Sequence[Any], xp: Any) -> Any:
+    return xp.concat(list(parts)) if len(parts) > 1 else parts[0]
+
+
+def _spread(values: Sequence[Any], sizes: Sequence[int], like: Any, xp: Any) -> Any:
+    """One value per tensor, repeated over its ``sizes`` rows or elements and concatenated (a shared value stays
+    one)."""
+    if all(x is values[0] for x in values):
+        return values[0]
+    return _concat([xp.broadcast_to(xp.asarray(x, dtype=like), (n,)) for x, n in zip(values, sizes)], xp)
+
+
 def neuron_factors(
     ws: Sequence[Any], gs: Sequence[Any], counts: Sequence[Any], vs: Sequence[Any], sigmas: Sequence[Any],
     lrs: Sequence[Any], *, axes: Sequence[int], beta: Any, centre: bool, normalise: bool, xp: Any,
@@ -101,13 +115,10 @@ def neuron_factors(
         sums = [neuron_sums(w, g, axis, xp) for w, g, axis in zip(ws, gs, axes)]
 
     def cat(parts: Sequence[Any]) -> Any:
-        return xp.concat(list(parts)) if len(parts) > 1 else parts[0]
+        return _concat(parts, xp)
 
     def per_row(values: Sequence[Any], like: Any = None) -> Any:
-        """One value per tensor, as one per row (a shared value stays one)."""
-        if all(x is values[0] for x in values):
-            return values[0]
-        return cat([xp.broadcast_to(xp.asarray(x, dtype=like), (r,)) for x, r in zip(values, rows)])
+        return _spread(values, rows, like, xp)
 
     def factors(sums: Sequence[tuple[Any, ...]]) -> RowFactors:
         sw, sww, sg, sgg, swg = (cat([s[k] for s in sums]) for k in range(5))
@@ -143,7 +154,7 @@ def neuron_factors(
             if centre:
                 y = y - per_neuron(mean, shape, axis, xp)
             norm = xp.sqrt(xp.sum(y * y, axis=others)) if normalise else xp.ones_like(scale)
-            d = xp.where(norm > 0, 1 / xp.where(norm > 0, norm, xp.ones_like(norm)), xp.ones_like(norm))
+            d = _safe_reciprocal(norm, xp)
             for parts, value in zip(out, (scale * d, step * d, (shift + mean) * d)):
                 parts.append(value)
         return offsets, *out, split(fx.sigma) if fx.sigma.ndim else fx.sigma
@@ -180,13 +191,10 @@ def _elementwise_steps(
     sizes = [math.prod(x.shape) for x in xs]
 
     def flat(arrays: Sequence[Any]) -> Any:
-        parts = [xp.reshape(a, (-1,)) for a in arrays]
-        return xp.concat(parts) if len(parts) > 1 else parts[0]
+        return _concat([xp.reshape(a, (-1,)) for a in arrays], xp)
 
     def per_element(values: Sequence[Any], like: Any = None) -> Any:
-        if all(x is values[0] for x in values):
-            return values[0]
-        return flat([xp.broadcast_to(xp.asarray(x, dtype=like), (n,)) for x, n in zip(values, sizes)])
+        return _spread(values, sizes, like, xp)
 
     x, g, count = flat(xs), xp.astype(flat(gs), dtype, copy=False), per_element(counts)
     sigma = per_element(sigmas, dtype)
