@@ -11,11 +11,12 @@ imported).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["cond", "is_library", "is_traced", "select"]
+__all__ = ["blas_flags_quiet", "cond", "is_library", "is_traced", "select"]
 
 T = TypeVar("T")
 
@@ -25,6 +26,17 @@ def is_library(xp: Any, name: str) -> bool:
     as array_api_compat wraps it. (array_api_compat's own ``is_*_namespace`` are ``lru_cache``'d, which
     ``torch.compile`` warns about where it traces them.)"""
     return getattr(xp, "__name__", None) in (name, f"array_api_compat.{name}")
+
+
+def blas_flags_quiet(xp: Any) -> contextlib.AbstractContextManager[Any]:
+    """A context in which NumPy ignores the invalid-operation flag over BLAS products, for namespaces whose arrays
+    are NumPy's (NumPy, array-api-strict); elsewhere nothing. OpenBLAS's kernels on some CPUs leave that flag set
+    on finite inputs (numpy#24067, OpenBLAS#1924), which NumPy then reports as "invalid value encountered in
+    matmul": a spurious warning in the user's log, an error under ``-W error``. A non-finite input needs no flag:
+    the rules' own check finds it."""
+    if is_library(xp, "numpy") or getattr(xp, "__name__", None) == "array_api_strict":
+        return sys.modules["numpy"].errstate(invalid="ignore")
+    return contextlib.nullcontext()
 
 
 def is_traced(x: Any, xp: Any) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 from ._base import device_of
-from ._branch import is_library, is_traced
+from ._branch import blas_flags_quiet, is_library, is_traced
 
 __all__ = [
     "NeuronAxis",
@@ -135,11 +135,13 @@ def neuron_sums(w: Any, g: Any, axis: int, xp: Any) -> tuple[Any, Any, Any, Any,
         neurons, fan_in = rows_w.shape
         block = max(1, BLOCK_BYTES // (fan_in * xp.finfo(rows_w.dtype).bits // 8))
         ones = xp.ones((fan_in,), dtype=rows_w.dtype, device=device_of(rows_w))
-        if block >= neurons or is_library(xp, "jax.numpy") or is_traced(rows_w, xp):  # (compilers fuse the sums)
-            sums = _sums(rows_w, rows_g, ones, xp)
-        else:
-            parts = [_sums(x, y, ones, xp) for x, y in zip(_blocks(rows_w, block, xp), _blocks(rows_g, block, xp))]
-            sums = tuple(xp.concat([part[k] for part in parts]) for k in range(5))
+        with blas_flags_quiet(xp):
+            if block >= neurons or is_library(xp, "jax.numpy") or is_traced(rows_w, xp):  # (compilers fuse them)
+                sums = _sums(rows_w, rows_g, ones, xp)
+            else:
+                blocks = zip(_blocks(rows_w, block, xp), _blocks(rows_g, block, xp))
+                parts = [_sums(x, y, ones, xp) for x, y in blocks]
+                sums = tuple(xp.concat([part[k] for part in parts]) for k in range(5))
         if is_library(xp, "torch"):
             return sums[0], sums[1] * sums[1], sums[2], sums[3] * sums[3], sums[4]
         return sums

@@ -42,6 +42,7 @@ from array_api_compat import device as device_of
 
 from ._base import Optimizer, check_gradients, check_hyperparameter, check_params, compute_dtype, namespace_of
 from ._base import zeros_beside
+from ._branch import blas_flags_quiet
 
 __all__ = ["StarState", "factored_axes", "load_star_config", "load_star_params", "star"]
 
@@ -437,11 +438,12 @@ def star(
             else:
                 if v.dtype not in weights:
                     weights[v.dtype] = _meta_arrays(meta_params, xp, v.dtype, v)
-                x, m, v, row, col = _update_tensor(
-                    p, g, state.count, m, v, row, col, weights[v.dtype], step_mult=step_mult,
-                    nominal_stepsize=nominal_stepsize, weight_decay=weight_decay,
-                    block_size=block_size, xp=xp,
-                )
+                with blas_flags_quiet(xp):
+                    x, m, v, row, col = _update_tensor(
+                        p, g, state.count, m, v, row, col, weights[v.dtype], step_mult=step_mult,
+                        nominal_stepsize=nominal_stepsize, weight_decay=weight_decay,
+                        block_size=block_size, xp=xp,
+                    )
             new_params.append(xp.astype(x, p.dtype, copy=False))
             new_m.append(m)
             new_v.append(v)

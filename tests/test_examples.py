@@ -159,6 +159,19 @@ def test_table1(task, tmp_path, data_dir):
         assert "Mann-Whitney U" in (tmp_path / "steps_to_target.md").read_text()
 
 
+def test_a_record_made_after_a_run_counts_as_done_when_the_study_restarts(data_dir):
+    """The settings a record stores (after its run) match those a restarted study computes (before any run): a
+    task's caches filled by the run are no setting. (The cGAN's trained scoring classifier was one: every restart
+    ran every cGAN run again.)"""
+    from harness.runner import settings
+    from harness.tasks import ConditionalGAN
+
+    fresh = settings(ConditionalGAN(data_dir, steps=4, classifier_steps=2, train_size=256))
+    task = ConditionalGAN(data_dir, steps=4, classifier_steps=2, train_size=256)
+    task._prepare()
+    assert json.loads(json.dumps(settings(task), default=float)) == fresh
+
+
 @pytest.mark.slow
 def test_table1_resumes_after_a_kill(tmp_path, data_dir):
     """A study killed (SIGKILL) after 3 runs, with a record cut off half-written, finishes when run again, on two

@@ -123,7 +123,7 @@ class ConditionalGAN:
         self.classifier_steps, self.samples, self.schedule = classifier_steps, samples, schedule
         self.probe_every = max(1, steps // 20)
         self._data: tuple | None = None
-        self.classifier: nn.Module | None = None
+        self._classifier: nn.Module | None = None  # (a cache, not a setting: see runner.settings)
         self._classifier_accuracy: float | None = None  # private: not a setting
 
     def _prepare(self) -> None:
@@ -135,13 +135,13 @@ class ConditionalGAN:
         torch.manual_seed(0)
         trial = scorer.trial(0)
         self._classifier_accuracy = train(trial, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))["score"]
-        self.classifier = trial.modules["model"]
+        self._classifier = trial.modules["model"]
         x_test = self._data[2][: self.samples]
         self.test_features = self.features(x_test)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> np.ndarray:
-        return self.classifier[:-1](x).double().numpy()
+        return self._classifier[:-1](x).double().numpy()
 
     def trial(self, seed: int) -> Trial:
         self._prepare()
@@ -172,14 +172,14 @@ class ConditionalGAN:
                 return {"score": math.nan}
             return {
                 "score": frechet_distance(self.features(standardised), self.test_features),
-                "generated_accuracy": accuracy(self.classifier, standardised, labels),
+                "generated_accuracy": accuracy(self._classifier, standardised, labels),
                 "classifier_test_accuracy": self._classifier_accuracy,
             }
 
         def probe() -> float:
             """The classifier's accuracy on 500 samples against the classes asked for: conditioning learned."""
             standardised, labels = sample(500)
-            return accuracy(self.classifier, standardised, labels) if torch.isfinite(standardised).all() else math.nan
+            return accuracy(self._classifier, standardised, labels) if torch.isfinite(standardised).all() else math.nan
 
         return Trial({"generator": generator, "discriminator": discriminator}, step, evaluate, self.steps,
                      probe=probe, probe_every=self.probe_every)
