@@ -41,6 +41,8 @@ TARGETS = [("torch", "adam-fused", 0.6), ("torch", "sgd", 1.3), ("jax", "adam", 
 # The core rule's own targets (issue 24): (backend, its case, reference case, largest allowed ratio of step times).
 CORE_TARGETS = [("numpy", "nero", "sgd", 5.0), ("jax-cpu", "nero-core", "nero", 1.5),
                 ("torch-cpu", "nero-core", "adam-fused", 3.0)]
+# The default path's own targets (issue 22): (shape set, backend, case, reference case, largest allowed ratio).
+DEFAULT_TARGETS = [("toy194", "torch-cpu", "nero", "adam", 1.5), ("gpt2", "torch-cpu", "nero", "adam-fused", 2.0)]
 CORE_EXTRA_TARGET = 2.0  # the NumPy core's peak extra during a step / the largest parameter
 STATE_TARGET = 0.005  # Nero's state / Adam's
 EXTRA_TARGET = 1.0  # peak extra during a step / the largest parameter
@@ -170,6 +172,19 @@ def target_lines(rows: list[dict]) -> list[str]:
     return out
 
 
+def default_target_lines(rows: list[dict]) -> list[str]:
+    """``Nero(params)``, the default path, against the Adam users would otherwise build (where both were timed)."""
+    ms = {(r["shapes"], r["backend"], r["optimizer"]): r["ms"] for r in rows}
+    out = []
+    for shapes, backend, case, reference, limit in DEFAULT_TARGETS:
+        mine, theirs = ms.get((shapes, backend, case)), ms.get((shapes, backend, reference))
+        if mine and theirs:
+            value = mine / theirs
+            out.append(f"- {shapes} {backend} {case} (the default path) vs {reference} {value:.2f}x "
+                       f"(<= {limit}: {'ok' if value <= limit else 'MISS'})")
+    return out
+
+
 def set_threads(threads: int) -> None:
     """Run torch and OpenMP kernels (Nero's C kernel) on ``threads`` threads; JAX keeps XLA's own pool."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -224,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     counts = {s: {"parameters": parameter_count(s), "largest_param_bytes": largest_tensor(s).size * 4}
               for s in args.shapes}
     table = markdown(rows)
-    targets = target_lines(rows)
+    targets = target_lines(rows) + default_target_lines(rows)
     print(table)
-    print("\nTargets (GPT-2-like, CPU):\n" + "\n".join(targets) if targets else "")
+    print("\nTargets (CPU):\n" + "\n".join(targets) if targets else "")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = describe()
     report = {"machine": machine, "quick": args.quick, "shape_sets": counts, "rows": rows, "skipped": skipped,

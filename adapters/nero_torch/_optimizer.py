@@ -16,7 +16,7 @@ from nero_core._kernels import Unavailable, warn_unavailable
 from nero_core._nero import skip_mode
 from nero_core._neurons import neuron_axis_of
 
-from . import _dtensor, _native
+from . import _dtensor, _grouped, _native
 from ._describe import warn_suspicious
 from ._functional import (
     StepSizes, TensorSpec, _per_row, apply_step, compute_dtype, reference_update, squared_norms, step_sizes,
@@ -237,6 +237,17 @@ class Nero(torch.optim.Optimizer):
             return loss
         if sharded is None and (self._triton_step(work) or self._native_step(work)):
             return loss
+        grouped = None if sharded is not None or torch.compiler.is_compiling() else _grouped.buckets(work, self.state)
+        if grouped:  # the default eager path, from every tensor's second update on: a few calls per bucket
+            taken, recompute = _grouped.step(grouped)
+            if taken:
+                for bucket, balance in zip(grouped, recompute):
+                    bucket.write(balance)
+                return loss
+            if self._skip_mode != "neuron":
+                self._skipped += 1
+                return loss
+            # skip_nonfinite="neuron": the per-tensor path below holds back only the neurons concerned
         # Phase one: per-row step sizes from the gradients of initialised tensors on the fast path; the
         # finiteness of every gradient (all groups) is known before anything is written.
         sizes = [self._step_sizes(*w) for w in work]

@@ -12,7 +12,8 @@ Backends and the optimizers measured on each (``BACKENDS``):
 * ``torch-cpu``, ``torch-cuda``: ``nero``, ``nero-fused`` and ``nero-fused-neuron`` are ``nero_torch.Nero``
   (``fused=True`` for the second, and ``skip_nonfinite="neuron"`` for the third: one pass over memory on CPU);
   ``nero-core`` is ``nero_core.nero`` called on the tensors, the result copied back in place (the reference the
-  adapter should beat); ``adam-fused``/``adam-foreach`` are ``torch.optim.Adam``; ``lamb`` is
+  adapter should beat); ``adam`` is ``torch.optim.Adam()`` as most users build it (on CPU its per-tensor loop),
+  ``adam-fused``/``adam-foreach`` are ``torch.optim.Adam`` with those options; ``lamb`` is
   ``pytorch_optimizer.Lamb``; ``muon`` is ``torch.optim.Muon`` on hidden 2-D weights with fused Adam for the rest;
   ``sgd`` is ``torch.optim.SGD(foreach=True)`` without momentum, the bandwidth floor; ``star`` is
   ``nero_torch.Star`` with its shipped meta-parameters.
@@ -44,8 +45,8 @@ from .shapes import Tensor, shape_set
 __all__ = ["ADAM", "BACKENDS", "RATIO_OPTIMIZERS", "Case", "Unavailable", "make_case", "tree_nbytes"]
 
 _TORCH = (
-    "nero", "nero-fused", "nero-fused-neuron", "nero-core", "adam-fused", "adam-foreach", "lamb", "muon", "sgd",
-    "star",
+    "nero", "nero-fused", "nero-fused-neuron", "nero-core", "adam", "adam-fused", "adam-foreach", "lamb", "muon",
+    "sgd", "star",
 )
 _JAX = ("nero", "nero-core", "adam", "lamb", "muon", "sgd", "star")
 _ARRAY_API = ("nero", "adam", "sgd")
@@ -261,6 +262,8 @@ def _torch_optimizers(optimizer: str, params: list[Any], tensors: Sequence[Tenso
         return [_require("nero_torch", "Star")(params)]
     if optimizer == "nero-core":
         return [_TorchCoreRule(params)]
+    if optimizer == "adam":
+        return [torch.optim.Adam(params, lr=LR)]
     if optimizer == "adam-fused":
         return [torch.optim.Adam(params, lr=LR, fused=True)]
     if optimizer == "adam-foreach":

@@ -1,0 +1,166 @@
+"""The default eager step over many tensors at once: the per-row maths once per bucket of tensors, not per tensor.
+
+``Nero(params)`` (``fused`` not True, ``foreach`` not False, outside ``torch.compile``, no DTensor) takes this path
+from every tensor's second update on. Tensors are put in buckets by device, dtype, parameter group, constraint and
+row length; a bucket of small tensors (up to :data:`SMALL` elements each) is concatenated into one ``(rows, fan_in)``
+array (bias-like tensors: one flat array), so that a model of hundreds of small tensors (biases, norm gains, the
+layers of a deep narrow network) pays a few dozen torch calls per step, not a few dozen per tensor. A large tensor is
+a bucket of its own, read through views and written in place (rows a cache-sized block at a time, the core's
+:func:`~nero_core._neurons.neuron_sums` and :func:`~nero_core._neurons.affine_write`), where copying it into a bucket
+would cost more than the calls it saves.
+
+The maths is the core's closed form (:mod:`nero_core._closed_form`): five row sums of the old row, the new ``v`` and
+the step per row (:func:`~nero_core._closed_form.step_rate`), the factors
+(:func:`~nero_core._closed_form.balance_factors`) and one affine write; a bucket in which a row's closed form
+cancels is balanced from its actual rows. Everything is read before anything is written: one host sync per step
+decides both whether every new ``v`` is finite (else the step is skipped, or left to the per-tensor path for
+``skip_nonfinite="neuron"``) and which buckets need their rows balanced from the arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, cast
+
+import array_api_compat.torch as xp
+import torch
+from torch import Tensor
+
+from nero_core._closed_form import balance_factors, step_rate
+from nero_core._neurons import affine_write, balanced_rows, neuron_sums
+
+from ._functional import TensorSpec, compute_dtype
+
+__all__ = ["SMALL", "step"]
+
+# Tensors of at most this many elements are concatenated with the others of their bucket (a copy in, a copy out):
+# below it a tensor's own torch calls cost more than moving it; above it the copies cost more than the calls.
+SMALL = 1 << 16
+
+
+class _Member(NamedTuple):
+    p: Tensor
+    g: Tensor
+    state: dict[str, Tensor]
+    spec: TensorSpec
+
+
+class _Bucket:
+    """Tensors updated as one: same device, parameter dtype, group, constraint and row length (``fan_in`` 0 for
+    bias-like tensors, whose rows are their elements)."""
+
+    def __init__(self, group: dict[str, Any], members: list[_Member]) -> None:
+        self.group, self.members = group, members
+        first = members[0]
+        self.dtype = compute_dtype(first.p.dtype)
+        self.neurons = first.spec.axis is not None
+        self.counts = [m.state["v"].numel() for m in members]  # rows (bias-like: elements) per tensor
+
+    def _rows(self, x: Tensor, spec: TensorSpec) -> Tensor:
+        """``x`` as the bucket's rows: ``(neurons, fan_in)``, or flat for bias-like tensors, in the compute dtype."""
+        x = x.to(self.dtype)
+        if not self.neurons:
+            return x.reshape(-1)
+        axis = cast(int, spec.axis)
+        return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+    def _gather(self, which: str) -> Tensor:
+        parts = [self._rows(getattr(m, which), m.spec) for m in self.members]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def read(self) -> None:
+        """Every sum and the new ``v`` and step per row; nothing written."""
+        group, members = self.group, self.members
+        self.w, self.g = self._gather("p"), self._gather("g")
+        if len(members) == 1:
+            state = members[0].state
+            v, sigma, count = state["v"].reshape(-1), state["sigma"], state["step"]
+        else:
+            v = torch.cat([m.state["v"].reshape(-1) for m in members])
+            counts = torch.tensor(self.counts, device=v.device)
+            sigma = torch.stack([m.state["sigma"] for m in members]).repeat_interleave(counts, output_size=v.numel())
+            count = torch.stack([m.state["step"] for m in members]).repeat_interleave(counts, output_size=v.numel())
+        if self.neurons:
+            self.sw, self.sww, self.sg, self.sgg, self.swg = neuron_sums(self.w, self.g, 0, xp)
+        else:
+            self.sgg = self.g * self.g
+        lr = -group["lr"] if group["maximize"] else group["lr"]
+        self.v, self.c = step_rate(self.sgg, v, sigma, count, lr=lr, beta=group["beta"], xp=xp)
+        self.recompute = None
+        if self.neurons:
+            spec = members[0].spec
+            self.factors = balance_factors(
+                self.sw, self.sww, self.sg, self.sgg, self.swg, self.c, fan_in=self.w.shape[1], centre=spec.centre,
+                normalise=spec.normalise, xp=xp,
+            )
+            self.recompute = self.factors.recompute.any()
+
+    def write(self, recompute: bool) -> None:
+        """The new parameters, ``v`` and step counts, in place."""
+        members, w = self.members, self.w  # w: the parameter's own memory (as rows), or a copy of it
+        if not self.neurons:
+            new = w.addcmul_(self.c, self.g, value=-1)
+        elif recompute:  # the closed form cancels in some row: balance the actual rows
+            spec = members[0].spec
+            new = balanced_rows(w - self.c[:, None] * self.g, xp, centre=spec.centre, normalise=spec.normalise)
+        else:
+            f = self.factors
+            new = affine_write(w, self.g, f.scale, f.step, f.shift, 0, xp, in_place=True)
+        if len(members) == 1:
+            m = members[0]
+            if new.data_ptr() != m.p.data_ptr():
+                m.p.detach().copy_(self._shaped(new, m))
+            m.state["v"].copy_(self.v.reshape(m.state["v"].shape))
+            m.state["step"].add_(1)
+            return
+        params = [m.p.detach() for m in members]
+        torch._foreach_copy_(params, [self._shaped(x, m) for x, m in zip(new.split(self.counts), members)])
+        vs = [m.state["v"] for m in members]
+        torch._foreach_copy_(vs, [x.view(v.shape) for x, v in zip(self.v.split(self.counts), vs)])
+        torch._foreach_add_([m.state["step"] for m in members], 1)
+
+    def _shaped(self, rows: Tensor, m: _Member) -> Tensor:
+        """A tensor's share of the bucket's rows, in its parameter's shape (a view)."""
+        if not self.neurons:
+            return rows.view(m.p.shape)
+        axis = cast(int, m.spec.axis)
+        return rows.view(m.p.movedim(axis, 0).shape).movedim(0, axis)
+
+
+def buckets(work: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[TensorSpec]]],
+            states: Any) -> list[_Bucket] | None:
+    """The step's buckets, or None where this path does not apply to every tensor (a first update, an empty
+    tensor, ``fused=True`` or ``foreach=False`` in a group)."""
+    out: list[_Bucket] = []
+    for group, params, grads, specs in work:
+        if not params:
+            continue
+        if group["fused"] or group["foreach"] is False:
+            return None
+        small: dict[tuple, list[_Member]] = {}
+        for p, g, spec in zip(params, grads, specs):
+            state = states.get(p)
+            if not state or p.numel() == 0:
+                return None
+            member = _Member(p, g, state, spec)
+            if p.numel() > SMALL:
+                out.append(_Bucket(group, [member]))
+                continue
+            fan_in = 0 if spec.axis is None else p.numel() // p.shape[spec.axis]
+            key = (p.device, p.dtype, g.dtype, spec.axis is None, spec.centre, spec.normalise, fan_in)
+            small.setdefault(key, []).append(member)
+        out.extend(_Bucket(group, members) for members in small.values())
+    return out
+
+
+def step(bucket_list: list[_Bucket]) -> tuple[bool, list[bool]]:
+    """Read every bucket; return whether every new ``v`` is finite and, per bucket, whether its rows must be
+    balanced from the arrays (one host sync). Write nothing."""
+    for bucket in bucket_list:
+        bucket.read()
+    flags = [torch.isfinite(b.v).all() for b in bucket_list] + [b.recompute for b in bucket_list
+                                                                 if b.recompute is not None]
+    device = bucket_list[0].v.device
+    values = torch.stack([f.to(device) for f in flags]).tolist()
+    finite = all(values[:len(bucket_list)])
+    recompute = iter(values[len(bucket_list):])
+    return finite, [bool(next(recompute)) if b.recompute is not None else False for b in bucket_list]
