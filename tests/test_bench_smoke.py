@@ -48,7 +48,7 @@ def test_every_backend_has_a_time_a_ratio_and_a_memory_class() -> None:
     assert sorted(gpu) == ["CuPyMemory", "JaxGPUMemory", "TorchCUDAMemory"]
     ratio = {c.backend: c.params[1] for c in _classes() if hasattr(c, "track_x_adam")}
     assert ratio == {b: list(RATIO_OPTIMIZERS[b]) for b in BACKENDS}
-    assert ratio["torch-cpu"] == ["nero", "nero-fused", "nero-fused-neuron", "star"]
+    assert ratio["torch-cpu"] == ["nero", "nero-torch-kernels", "nero-fused", "nero-fused-neuron", "star"]
     assert ratio["jax-cpu"] == ["nero", "star"]
 
 

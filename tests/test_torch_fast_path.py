@@ -77,7 +77,30 @@ def max_deviation(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> f
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("model", list(MODELS))
 def test_fast_path_matches_core_rule(model, dtype):
-    assert max_deviation(train(model, dtype), train(model, dtype, foreach=False)) <= TOLERANCE[dtype]
+    # fused=False: torch's kernels (the default takes the C kernel on CPU where it builds, tested below)
+    assert max_deviation(train(model, dtype, fused=False), train(model, dtype, foreach=False)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("model", ["mlp", "transformer"])
+def test_default_takes_the_c_kernel_on_cpu_where_it_builds(model, native_calls):
+    got = train(model, torch.float64)
+    assert len(native_calls) == STEPS - 1  # every step after the first (the core rule's projection)
+    assert max_deviation(got, train(model, torch.float64, foreach=False)) <= TOLERANCE[torch.float64]
+
+
+def test_default_without_a_compiler_takes_torch_kernels_without_a_warning(monkeypatch, tmp_path, recwarn):
+    from nero_torch import _native
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("NERO_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(_native, "apply", lambda *a, **k: pytest.fail("the C kernel ran"))
+    _native.built.cache_clear()
+    try:
+        got = train("mlp", torch.float64)
+    finally:
+        _native.built.cache_clear()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert max_deviation(got, train("mlp", torch.float64, foreach=False)) <= TOLERANCE[torch.float64]
 
 
 @pytest.mark.slow
@@ -188,7 +211,7 @@ def test_maximize_ascends_exactly_as_minimizing_the_negative():
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("fast", [dict(), dict(fused=True)], ids=["foreach", "fused"])
+@pytest.mark.parametrize("fast", [dict(fused=False), dict(fused=True)], ids=["torch-kernels", "fused"])
 def test_fast_paths_stay_finite_when_a_row_s_v_is_subnormal(fast):
     """A dead neuron in a deep net: one gradient of 1e-21 leaves that row's v at a float32 subnormal (~1e-45), so
     later steps' ``c = lr/sqrt(v_hat)`` is ~1e20, whose square is past float32's range although the row's gradient
@@ -293,7 +316,7 @@ def test_skip_nonfinite_neuron_holds_back_only_those_neurons_on_every_path(bad, 
                 gs[tensor][index] = bad
             ps, state = rule.update(gs, state, ps)
             expected.append([torch.from_numpy(p) for p in ps])
-    for options in (dict(fused=True), dict(), dict(foreach=False)):  # C kernel, torch kernels, the core rule
+    for options in (dict(fused=True), dict(fused=False), dict(foreach=False)):  # C kernel, torch's, the core rule
         history, opt = run_with_nonfinite(bad, **options)
         assert max_deviation(history, expected) <= TOLERANCE[torch.float64], options
         assert opt.skipped_steps == int(state.skipped) == 3
@@ -324,7 +347,7 @@ def test_fast_path_step_that_nearly_cancels_a_row_matches_reference():
 
     gen = torch.Generator().manual_seed(3)
     layer = nn.Linear(16, 6, bias=False).double()
-    opt = nero_torch.Nero(layer.parameters(), lr=1 - 1e-4)
+    opt = nero_torch.Nero(layer.parameters(), lr=1 - 1e-4, fused=False)  # (the C kernel: test_torch_native.py)
     first = torch.randn(6, 16, generator=gen, dtype=torch.float64)
     first /= first.norm(dim=1, keepdim=True)  # |g| = 1 at both steps: the second step is then exactly lr long
     ref = ReferenceNero([(6, 16)], [0], lr=1 - 1e-4)
@@ -346,7 +369,7 @@ def test_fast_path_row_norms_stay_at_rounding():
     tests/test_optax_nero.py's 100k steps)."""
     gen = torch.Generator().manual_seed(4)
     layer = nn.Linear(8, 16, bias=False)
-    opt = nero_torch.Nero(layer.parameters(), lr=0.01)
+    opt = nero_torch.Nero(layer.parameters(), lr=0.01, fused=False)
     worst = 0.0
     for _ in range(10_000):
         layer.weight.grad = torch.randn(16, 8, generator=gen)

@@ -13,6 +13,7 @@ import ctypes
 import functools
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from nero_core._kernels import Unavailable, compiler_runs, load_library, warn_unavailable
 
-__all__ = ["CENTRE", "NORMALISE", "Batch", "apply", "compiles", "library", "new_v", "step"]
+__all__ = ["CENTRE", "NORMALISE", "Batch", "apply", "built", "compiles", "library", "new_v", "step"]
 
 SOURCE = Path(__file__).with_name("_native.c")
 FLAGS = [
@@ -31,14 +32,38 @@ _I64 = ctypes.POINTER(ctypes.c_int64)
 _F64 = ctypes.POINTER(ctypes.c_double)
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (with a warning) where they cannot be built here."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = _compiler()
     if not compiler_runs(compiler) and not compiles("cpu"):  # no compiler works: compiles() gave the one warning
         return None
     lib = load_library(SOURCE, compiler, FLAGS, libs=["-lm"], who="Nero(fused=True)", fallback="the torch kernels")
     return None if lib is None else declared(lib)
+
+
+@functools.cache
+def built() -> ctypes.CDLL | None:
+    """The compiled kernels where they build here, else None without a word: for the default ``fused=None``, which
+    takes them where it can and torch's kernels otherwise (``fused=True`` asked for them: :func:`library` says
+    why not)."""
+    compiler = _compiler()
+    if not compiler_runs(compiler):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lib = load_library(SOURCE, compiler, FLAGS, libs=["-lm"], who="Nero", fallback="the torch kernels")
+    return None if lib is None else declared(lib)
+
+
+def _loaded() -> ctypes.CDLL:
+    lib = built() or library()
+    assert lib is not None, "the C kernel was called where it could not be built"
+    return lib
 
 
 def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -106,7 +131,7 @@ class Batch:
 def new_v(batch: Batch) -> bool:
     """Phase one: whether every row's new ``v`` is finite (one read of the gradients; nothing written). Phase two
     computes the same ``v`` again, in the same order, from the gradient rows it reads anyway."""
-    fn = getattr(library(), f"nero_check_{_suffix(batch.dtype)}")
+    fn = getattr(_loaded(), f"nero_check_{_suffix(batch.dtype)}")
     return bool(fn(batch.count, batch.grads, batch.v, batch.rows, batch.cols, batch.betas, torch.get_num_threads()))
 
 
@@ -127,7 +152,7 @@ def step(batch: Batch, params: list[Tensor], flags: list[int], lrs: list[float])
 
 
 def _step(batch: Batch, params: list[Tensor], flags: list[int], lrs: list[float]) -> int:
-    fn = getattr(library(), f"nero_step_{_suffix(batch.dtype)}")
+    fn = getattr(_loaded(), f"nero_step_{_suffix(batch.dtype)}")
     p, flag_bits, lr = _per_tensor(params, flags, lrs)
     return int(fn(batch.count, p, batch.grads, batch.v, batch.sigma, batch.step, batch.rows, batch.cols, flag_bits,
                   lr, batch.betas, torch.get_num_threads()))

@@ -64,9 +64,13 @@ class Nero(torch.optim.Optimizer):
         normalise: keep every neuron's weights unit-norm.
         neuron_axis: the axis of neuron tensors that indexes neurons (an int), or None for all bias-like.
         maximize: ascend the objective instead.
-        foreach: None or True: the fast path (exact algebra, see ``_functional``); False: call the
-            array-API core rule ``nero_core.nero`` on the tensors (the reference, slower).
-        fused: True: the fastest kernels. On CPU (eager, float32/float64, contiguous parameters with their neurons
+        foreach: None or True: the fast path (exact algebra, see ``_functional``): eagerly, torch's kernels run
+            once per bucket of tensors (device, dtype, group, constraint, row length; see ``_grouped``), not once
+            per tensor; False: call the array-API core rule ``nero_core.nero`` on the tensors (the reference,
+            slower).
+        fused: None (default): on CPU, the C kernel below where it builds and fits (with ``foreach=None``; no
+            warning where it does not: torch's kernels run instead), elsewhere torch's kernels. False: torch's
+            kernels. True: the fastest kernels, with a warning where they cannot be built. On CPU (eager, float32/float64, contiguous parameters with their neurons
             on axis 0, as ``Linear``, ``Conv*d`` and ``Embedding`` have them) a C kernel does the whole step,
             reading and writing each row while it is in cache (after a first pass reading the gradients, unless
             ``skip_nonfinite="neuron"``), with torch's thread count (built with the system's C compiler on first
@@ -323,16 +327,18 @@ class Nero(torch.optim.Optimizer):
         return True
 
     def _native_step(self, work) -> bool:
-        """The whole step by the C kernel (``fused=True`` on CPU, eager), or False where it does not apply: a
-        tensor on another device or of another dtype, not yet initialised, not contiguous, or with its neurons
-        on an axis other than 0."""
+        """The whole step by the C kernel (``fused=True`` on CPU, eager; by default too, where the kernel builds),
+        or False where it does not apply: a tensor on another device or of another dtype, not yet initialised, not
+        contiguous, or with its neurons on an axis other than 0."""
         if torch.compiler.is_compiling():
             return False
         by_dtype: dict[torch.dtype, list[tuple]] = {}
+        asked = False  # whether a group asked for the kernel (fused=True): then a kernel that cannot build warns
         for group, params, grads, specs in work:
             if not params:
                 continue
-            if not (group["fused"] and group["foreach"] is not False):
+            asked = asked or bool(group["fused"])
+            if not (group["fused"] and group["foreach"] is not False) and not _default_native(group):
                 return False
             lr, beta = float(group["lr"]) * (-1.0 if group["maximize"] else 1.0), group["beta"]  # lr signed
             for p, g, spec in zip(params, grads, specs):
@@ -343,7 +349,7 @@ class Nero(torch.optim.Optimizer):
                 by_dtype.setdefault(p.dtype, []).append(
                     (p.detach(), g, state, (rows, p.numel() // rows), _native_flags(spec), lr, beta)
                 )
-        if _native.library() is None:
+        if (_native.library() if asked else _native.built()) is None:
             return False
         batches = [(_native.Batch([e[1] for e in mine], [e[2] for e in mine], [e[3] for e in mine],
                                   [e[6] for e in mine]), mine) for mine in by_dtype.values()]
@@ -445,6 +451,15 @@ def _step_lr(lr: Tensor, device: torch.device) -> Tensor:
     is a scalar to kernels on any device, without a sync); one on another accelerator is copied to ``device``."""
     lr = lr.reshape(())
     return lr if lr.device == device or lr.device.type == "cpu" else lr.to(device, non_blocking=True)
+
+
+# Whether the default (fused=None, foreach=None) takes the C kernel on CPU where it builds (tests switch it off to
+# reach torch's kernels, as fused=False does).
+_DEFAULT_NATIVE = True
+
+
+def _default_native(group: dict[str, Any]) -> bool:
+    return _DEFAULT_NATIVE and group["fused"] is None and group["foreach"] is None
 
 
 def _native_fits(p: Tensor, g: Tensor, spec: TensorSpec) -> bool:

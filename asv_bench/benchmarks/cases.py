@@ -9,8 +9,10 @@ Backends and the optimizers measured on each (``BACKENDS``):
 
 * ``numpy``, ``cupy``: ``nero`` is ``nero_core.nero`` itself; ``adam`` and ``sgd`` are baselines written here
   with in-place operators (NumPy and CuPy ship no optimizers).
-* ``torch-cpu``, ``torch-cuda``: ``nero``, ``nero-fused`` and ``nero-fused-neuron`` are ``nero_torch.Nero``
-  (``fused=True`` for the second, and ``skip_nonfinite="neuron"`` for the third: one pass over memory on CPU);
+* ``torch-cpu``, ``torch-cuda``: ``nero``, ``nero-torch-kernels``, ``nero-fused`` and ``nero-fused-neuron`` are
+  ``nero_torch.Nero`` as built by default (on CPU the C kernel where it builds), with ``fused=False`` (torch's
+  kernels: the default without a C compiler), ``fused=True``, and ``fused=True, skip_nonfinite="neuron"`` (one
+  pass over memory on CPU);
   ``nero-core`` is ``nero_core.nero`` called on the tensors, the result copied back in place (the reference the
   adapter should beat); ``adam`` is ``torch.optim.Adam()`` as most users build it (on CPU its per-tensor loop),
   ``adam-fused``/``adam-foreach`` are ``torch.optim.Adam`` with those options; ``lamb`` is
@@ -45,7 +47,7 @@ from .shapes import Tensor, shape_set
 __all__ = ["ADAM", "BACKENDS", "RATIO_OPTIMIZERS", "Case", "Unavailable", "make_case", "tree_nbytes"]
 
 _TORCH = (
-    "nero", "nero-fused", "nero-fused-neuron", "nero-core", "adam", "adam-fused", "adam-foreach", "lamb", "muon",
+    "nero", "nero-torch-kernels", "nero-fused", "nero-fused-neuron", "nero-core", "adam", "adam-fused", "adam-foreach", "lamb", "muon",
     "sgd", "star",
 )
 _JAX = ("nero", "nero-core", "adam", "lamb", "muon", "sgd", "star")
@@ -253,6 +255,8 @@ def _torch_optimizers(optimizer: str, params: list[Any], tensors: Sequence[Tenso
 
     if optimizer == "nero":
         return [_require("nero_torch", "Nero")(params, lr=NERO_LR)]
+    if optimizer == "nero-torch-kernels":
+        return [_with_options(_require("nero_torch", "Nero"), params, lr=NERO_LR, fused=False)]
     if optimizer == "nero-fused":
         return [_with_options(_require("nero_torch", "Nero"), params, lr=NERO_LR, fused=True)]
     if optimizer == "nero-fused-neuron":
