@@ -70,8 +70,9 @@ class Nero(torch.optim.Optimizer):
             slower).
         fused: None (default): on CPU, the C kernel below where it builds and fits (with ``foreach=None``; no
             warning where it does not: torch's kernels run instead), elsewhere torch's kernels. False: torch's
-            kernels. True: the fastest kernels, with a warning where they cannot be built. On CPU (eager, float32/float64, contiguous parameters with their neurons
-            on axis 0, as ``Linear``, ``Conv*d`` and ``Embedding`` have them) a C kernel does the whole step,
+            kernels. True: the fastest kernels, with a warning where they cannot be built. On CPU (eager,
+            float32/float64, contiguous parameters with their neurons on axis 0, as ``Linear``, ``Conv*d`` and
+            ``Embedding`` have them) a C kernel does the whole step,
             reading and writing each row while it is in cache (after a first pass reading the gradients, unless
             ``skip_nonfinite="neuron"``), with torch's thread count (built with the system's C compiler on first
             use, about a second, then cached; see ``nero_torch._native``). On CUDA (the same layouts; float16 and

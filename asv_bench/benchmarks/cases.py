@@ -47,8 +47,8 @@ from .shapes import Tensor, shape_set
 __all__ = ["ADAM", "BACKENDS", "RATIO_OPTIMIZERS", "Case", "Unavailable", "make_case", "tree_nbytes"]
 
 _TORCH = (
-    "nero", "nero-torch-kernels", "nero-fused", "nero-fused-neuron", "nero-core", "adam", "adam-fused", "adam-foreach", "lamb", "muon",
-    "sgd", "star",
+    "nero", "nero-torch-kernels", "nero-fused", "nero-fused-neuron", "nero-core", "adam", "adam-fused",
+    "adam-foreach", "lamb", "muon", "sgd", "star",
 )
 _JAX = ("nero", "nero-core", "adam", "lamb", "muon", "sgd", "star")
 _ARRAY_API = ("nero", "adam", "sgd")
