@@ -134,7 +134,8 @@ def neuron_sums(w: Any, g: Any, axis: int, xp: Any) -> tuple[Any, Any, Any, Any,
         rows_w, rows_g = as_rows(w, 0, xp), as_rows(g, 0, xp)
         neurons, fan_in = rows_w.shape
         block = max(1, BLOCK_BYTES // (fan_in * xp.finfo(rows_w.dtype).bits // 8))
-        ones = xp.ones((fan_in,), dtype=rows_w.dtype, device=device_of(rows_w))
+        on_torch = is_library(xp, "torch")  # (its row sums need no ones)
+        ones = None if on_torch else xp.ones((fan_in,), dtype=rows_w.dtype, device=device_of(rows_w))
         with blas_flags_quiet(xp):
             if block >= neurons or is_library(xp, "jax.numpy") or is_traced(rows_w, xp):  # (compilers fuse them)
                 sums = _sums(rows_w, rows_g, ones, xp)
@@ -142,7 +143,7 @@ def neuron_sums(w: Any, g: Any, axis: int, xp: Any) -> tuple[Any, Any, Any, Any,
                 blocks = zip(_blocks(rows_w, block, xp), _blocks(rows_g, block, xp))
                 parts = [_sums(x, y, ones, xp) for x, y in blocks]
                 sums = tuple(xp.concat([part[k] for part in parts]) for k in range(5))
-        if is_library(xp, "torch"):
+        if on_torch:
             return sums[0], sums[1] * sums[1], sums[2], sums[3] * sums[3], sums[4]
         return sums
     others = tuple(i for i in range(len(w.shape)) if i != axis)

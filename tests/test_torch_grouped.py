@@ -134,3 +134,35 @@ def test_neuron_policy_holds_back_only_the_bad_neuron_after_the_grouped_check():
     expected = reference(params, grads, skip_nonfinite="neuron")
     assert opt.skipped_steps == 1
     assert deviation(history, expected) <= 1e-12
+
+
+MEMORY_PROBE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from benchmarks.memory import host_step_peak
+import nero_torch
+torch.manual_seed(0)
+params = [torch.nn.Parameter(torch.randn(1024, 2048).to(torch.bfloat16)) for _ in range(8)]
+opt = nero_torch.Nero(params)
+for _ in range(2):
+    for p in params:
+        p.grad = torch.randn(p.shape).to(torch.bfloat16)
+    opt.step()
+print(host_step_peak(opt.step)[1])
+"""
+
+
+def test_large_bfloat16_tensors_are_not_all_held_in_float32_at_once(tmp_path):
+    # Eight 1024x2048 bfloat16 weights (4 MiB each; their float32 rows and gradients 16 MiB a tensor): the step's
+    # extra memory stays near one tensor's float32 copies, not all eight's (128 MiB).
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "asv_bench"
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(bench)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    extra = int(done.stdout.split()[-1])
+    assert extra < 48 * 2**20, f"{extra / 2**20:.0f} MiB"

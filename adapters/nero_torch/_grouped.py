@@ -50,6 +50,8 @@ class _Bucket:
 
     def __init__(self, group: dict[str, Any], members: list[_Member]) -> None:
         self.group, self.members = group, members
+        self.w: Tensor | None = None  # a concatenated bucket's rows, from read to write
+        self.g: Tensor | None = None
         first = members[0]
         self.dtype = compute_dtype(first.p.dtype)
         self.neurons = first.spec.axis is not None
@@ -68,9 +70,13 @@ class _Bucket:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def read(self) -> None:
-        """Every sum and the new ``v`` and step per row; nothing written."""
+        """Every sum and the new ``v`` and step per row; nothing written. A concatenated bucket keeps its rows for
+        :meth:`write`; a tensor alone in its bucket keeps only its sums (its rows are gathered again there: where
+        they are a copy, bfloat16 to float32 or another neuron axis, holding every large tensor's copy until the
+        writes would cost memory the size of the model)."""
         group, members = self.group, self.members
-        self.w, self.g = self._gather("p"), self._gather("g")
+        w, g = self._gather("p"), self._gather("g")
+        self.w, self.g = (w, g) if len(members) > 1 else (None, None)
         if len(members) == 1:
             state = members[0].state
             v, sigma, count = state["v"].reshape(-1), state["sigma"], state["step"]
@@ -80,31 +86,36 @@ class _Bucket:
             sigma = torch.stack([m.state["sigma"] for m in members]).repeat_interleave(counts, output_size=v.numel())
             count = torch.stack([m.state["step"] for m in members]).repeat_interleave(counts, output_size=v.numel())
         if self.neurons:
-            self.sw, self.sww, self.sg, self.sgg, self.swg = neuron_sums(self.w, self.g, 0, xp)
+            self.sw, self.sww, self.sg, self.sgg, self.swg = neuron_sums(w, g, 0, xp)
         else:
-            self.sgg = self.g * self.g
+            self.sgg = g * g
         lr = -group["lr"] if group["maximize"] else group["lr"]
         self.v, self.c = step_rate(self.sgg, v, sigma, count, lr=lr, beta=group["beta"], xp=xp)
-        self.recompute = None
+        self.recompute = torch.zeros((), dtype=torch.bool, device=v.device)
         if self.neurons:
             spec = members[0].spec
             self.factors = balance_factors(
-                self.sw, self.sww, self.sg, self.sgg, self.swg, self.c, fan_in=self.w.shape[1], centre=spec.centre,
+                self.sw, self.sww, self.sg, self.sgg, self.swg, self.c, fan_in=w.shape[1], centre=spec.centre,
                 normalise=spec.normalise, xp=xp,
             )
             self.recompute = self.factors.recompute.any()
 
     def write(self, recompute: bool) -> None:
         """The new parameters, ``v`` and step counts, in place."""
-        members, w = self.members, self.w  # w: the parameter's own memory (as rows), or a copy of it
+        members = self.members
+        w, g = self.w, self.g
+        if w is None or g is None:
+            w, g = self._gather("p"), self._gather("g")
+        self.w = self.g = None
+        # w: the parameter's own memory (as rows), or a copy of it
         if not self.neurons:
-            new = w.addcmul_(self.c, self.g, value=-1)
+            new = w.addcmul_(self.c, g, value=-1)
         elif recompute:  # the closed form cancels in some row: balance the actual rows
             spec = members[0].spec
-            new = balanced_rows(w - self.c[:, None] * self.g, xp, centre=spec.centre, normalise=spec.normalise)
+            new = balanced_rows(w - self.c[:, None] * g, xp, centre=spec.centre, normalise=spec.normalise)
         else:
             f = self.factors
-            new = affine_write(w, self.g, f.scale, f.step, f.shift, 0, xp, in_place=True)
+            new = affine_write(w, g, f.scale, f.step, f.shift, 0, xp, in_place=True)
         if len(members) == 1:
             m = members[0]
             if new.data_ptr() != m.p.data_ptr():
@@ -157,10 +168,7 @@ def step(bucket_list: list[_Bucket]) -> tuple[bool, list[bool]]:
     balanced from the arrays (one host sync). Write nothing."""
     for bucket in bucket_list:
         bucket.read()
-    flags = [torch.isfinite(b.v).all() for b in bucket_list] + [b.recompute for b in bucket_list
-                                                                 if b.recompute is not None]
+    flags = [torch.isfinite(b.v).all() for b in bucket_list] + [b.recompute for b in bucket_list]
     device = bucket_list[0].v.device
     values = torch.stack([f.to(device) for f in flags]).tolist()
-    finite = all(values[:len(bucket_list)])
-    recompute = iter(values[len(bucket_list):])
-    return finite, [bool(next(recompute)) if b.recompute is not None else False for b in bucket_list]
+    return all(values[:len(bucket_list)]), values[len(bucket_list):]
