@@ -12,10 +12,10 @@ from reference import ReferenceNero
 
 STEPS = 5
 # Several tensors of each kind, so that buckets hold more than one: three fan-in-12 weights (one of them conv),
-# a tensor with its neurons on axis 1, biases and gains, one tensor past SMALL (a bucket of its own, in place), a
-# fan-in-6 tensor alone in its bucket and a 0-d scalar.
-SHAPES = [(7, 12), (5, 12), (3, 4, 3), (12, 9), (7,), (5,), (9,), (300, 257), (2, 6), ()]
-AXES = [0, 0, 0, 1, None, None, None, 0, 0, None]
+# a tensor with its neurons on axis 1, biases and gains, two tensors past SMALL with rows of different lengths
+# (streamed in place, one bucket for their per-row maths), a fan-in-6 tensor alone in its bucket and a 0-d scalar.
+SHAPES = [(7, 12), (5, 12), (3, 4, 3), (12, 9), (7,), (5,), (9,), (300, 257), (2, 6), (), (230, 300)]
+AXES = [0, 0, 0, 1, None, None, None, 0, 0, None, 0]
 
 
 def problem(seed: int, dtype=torch.float64):
@@ -75,7 +75,7 @@ def test_grouped_path_matches_the_float64_reference(options, grouped_steps):
     history, _, _ = run(params, grads, **options)
     assert deviation(history, reference(params, grads, **options)) <= 1e-12
     # every step after the first (the core rule's projection); buckets: the fan-in-12 rows, the biases, the
-    # axis-1 tensor (fan-in 9), the large tensor, the fan-in-6 tensor
+    # axis-1 tensor (fan-in 9), the fan-in-6 tensor, the two large tensors
     assert grouped_steps == [5] * (STEPS - 1)
 
 
@@ -166,3 +166,22 @@ def test_large_bfloat16_tensors_are_not_all_held_in_float32_at_once(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     extra = int(done.stdout.split()[-1])
     assert extra < 48 * 2**20, f"{extra / 2**20:.0f} MiB"
+
+
+def test_eager_blocks_are_sized_per_torch_thread_and_never_cut_a_gpu_tensor():
+    from array_api_compat import torch as xp_torch
+
+    from nero_core._neurons import BLOCK_BYTES, _block_rows
+
+    row_bytes = 512 * 4
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _block_rows(torch.empty(4096, 512), row_bytes, xp_torch)
+        torch.set_num_threads(2)
+        two = _block_rows(torch.empty(4096, 512), row_bytes, xp_torch)
+    finally:
+        torch.set_num_threads(threads)
+    assert (one, two) == (BLOCK_BYTES // row_bytes, 2 * BLOCK_BYTES // row_bytes)
+    # a tensor on another device (meta here, a GPU in use): whole-tensor operations, not a few launches per block
+    assert _block_rows(torch.empty(4096, 512, device="meta"), row_bytes, xp_torch) is None
