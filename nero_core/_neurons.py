@@ -107,19 +107,24 @@ def balanced_rows(rows: Any, xp: Any, *, centre: bool = True, normalise: bool = 
 BLOCK_BYTES = 1 << 18
 
 
+# On a GPU a block is a few kernel launches, not a cache's worth of work: blocks there are this large (one block for
+# most tensors), only to bound the temporary that torch's row dot product takes.
+GPU_BLOCK_BYTES = 1 << 26
+
+
 def _block_rows(x: Any, row_bytes: int, xp: Any) -> int | None:
-    """Rows per block of an eager CPU array whose rows take ``row_bytes``: :data:`BLOCK_BYTES` a block per thread
-    of torch's (each thread's share then fits its core's cache). None, one block, for arrays on a GPU (where a
-    block is a few kernel launches, not a cache's worth of work), JAX's and traced ones (a compiler fuses their
-    passes)."""
-    if is_library(xp, "jax.numpy") or is_library(xp, "cupy") or is_traced(x, xp):
+    """Rows per block of an eager array whose rows take ``row_bytes``: on CPU, :data:`BLOCK_BYTES` per thread of
+    torch's (each thread's share then fits its core's cache); on a GPU (CuPy, torch off the CPU),
+    :data:`GPU_BLOCK_BYTES`. None, one block, for JAX's and traced arrays (a compiler fuses their passes)."""
+    if is_library(xp, "jax.numpy") or is_traced(x, xp):
         return None
-    threads = 1
-    if is_library(xp, "torch"):
-        if x.device.type != "cpu":
-            return None
-        threads = sys.modules["torch"].get_num_threads()
-    return max(1, BLOCK_BYTES * threads // max(1, row_bytes))
+    size = BLOCK_BYTES
+    if is_library(xp, "cupy"):
+        size = GPU_BLOCK_BYTES
+    elif is_library(xp, "torch"):
+        torch = sys.modules["torch"]
+        size = BLOCK_BYTES * torch.get_num_threads() if x.device.type == "cpu" else GPU_BLOCK_BYTES
+    return max(1, size // max(1, row_bytes))
 
 
 def _blocks(x: Any, rows: int, xp: Any) -> list[Any]:

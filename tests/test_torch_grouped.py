@@ -168,10 +168,10 @@ def test_large_bfloat16_tensors_are_not_all_held_in_float32_at_once(tmp_path):
     assert extra < 48 * 2**20, f"{extra / 2**20:.0f} MiB"
 
 
-def test_eager_blocks_are_sized_per_torch_thread_and_never_cut_a_gpu_tensor():
+def test_eager_blocks_are_sized_per_torch_thread_on_cpu_and_large_on_a_gpu():
     from array_api_compat import torch as xp_torch
 
-    from nero_core._neurons import BLOCK_BYTES, _block_rows
+    from nero_core._neurons import BLOCK_BYTES, GPU_BLOCK_BYTES, _block_rows
 
     row_bytes = 512 * 4
     threads = torch.get_num_threads()
@@ -183,5 +183,5 @@ def test_eager_blocks_are_sized_per_torch_thread_and_never_cut_a_gpu_tensor():
     finally:
         torch.set_num_threads(threads)
     assert (one, two) == (BLOCK_BYTES // row_bytes, 2 * BLOCK_BYTES // row_bytes)
-    # a tensor on another device (meta here, a GPU in use): whole-tensor operations, not a few launches per block
-    assert _block_rows(torch.empty(4096, 512, device="meta"), row_bytes, xp_torch) is None
+    # a tensor on another device (meta here, a GPU in use): blocks of 64 MiB, not a few launches per 256 KiB
+    assert _block_rows(torch.empty(4096, 512, device="meta"), row_bytes, xp_torch) == GPU_BLOCK_BYTES // row_bytes
