@@ -183,10 +183,9 @@ def buckets(work: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Te
             if not state or p.numel() == 0:
                 return None
             member = _Member(p, g, state, spec)
-            key = (p.device, p.dtype, g.dtype, spec.axis is None, spec.centre, spec.normalise)
+            key: tuple = (p.device, p.dtype, g.dtype, spec.axis is None, spec.centre, spec.normalise)
             if p.numel() > SMALL:  # (a large bias-like tensor alone: its per-element g*g is as large as it is)
-                key = key + (id(p),) if spec.axis is None else key
-                large.setdefault(key, []).append(member)
+                large.setdefault((*key, id(p)) if spec.axis is None else key, []).append(member)
                 continue
             fan_in = 0 if spec.axis is None else p.numel() // p.shape[spec.axis]
             small.setdefault((*key, fan_in), []).append(member)
