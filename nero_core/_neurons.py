@@ -196,7 +196,7 @@ def affine_write(
         else:
             w = w - per_neuron(offset, shape, axis, xp)
     on_torch = is_library(xp, "torch")
-    if in_place and on_torch:  # w - (step / scale) g first: the pass that reads w and g from memory reads both
+    if in_place:  # w - (step / scale) g first: the pass that reads w and g from memory reads both
         step = step / scale
     scale, step, shift = (per_neuron(x, shape, axis, xp) for x in (scale, step, shift))
     if in_place and axis == 0 and len(shape):
@@ -217,14 +217,14 @@ def affine_write(
     return out
 
 
-def _write_rows(w: Any, g: Any, scale: Any, step: Any, shift: Any, xp: Any) -> Any:
-    """``w = scale * w - step * g - shift`` in place (factors shaped to broadcast along ``w``'s neuron axis); on
-    torch ``step`` is ``step / scale``: ``w = scale * (w - step * g) - shift``, whose first operation, a fused
-    multiply-add with no temporary, reads both arrays at once (on a block's first read from memory, one stream each
-    instead of one after the other: about a tenth off the step on the GPT-2-like set)."""
+def _write_rows(w: Any, g: Any, scale: Any, ratio: Any, shift: Any, xp: Any) -> Any:
+    """``w = scale * (w - ratio * g) - shift`` in place (``ratio`` is ``step / scale``; factors shaped to broadcast
+    along ``w``'s neuron axis). The first operation reads both arrays at once (on a block's first read from memory,
+    one stream each instead of one after the other: about a tenth off torch's step on the GPT-2-like set); on torch
+    it is a fused multiply-add with no temporary."""
     if is_library(xp, "torch"):
-        return w.addcmul_(g, step, value=-1).mul_(scale).sub_(shift)
+        return w.addcmul_(g, ratio, value=-1).mul_(scale).sub_(shift)
+    w -= g * ratio
     w *= scale
-    w -= g * step
     w -= shift
     return w
