@@ -88,11 +88,34 @@ def test_default_takes_the_c_kernel_on_cpu_where_it_builds(model, native_calls):
     assert max_deviation(got, train(model, torch.float64, foreach=False)) <= TOLERANCE[torch.float64]
 
 
+def test_default_without_a_compiler_takes_the_prebuilt_kernel_without_a_warning(monkeypatch, tmp_path, recwarn,
+                                                                               native_calls):
+    """What a machine without build tools runs: the wheel's prebuilt C kernel (setup.py), the same maths."""
+    from nero_torch import _native
+
+    if _native.prebuilt() is None:
+        pytest.skip("no prebuilt kernel here (setup.py builds it on x86-64 Linux with a C compiler, for AVX2)")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("NERO_KERNEL_CACHE", str(tmp_path))
+    _native.built.cache_clear()
+    try:
+        assert _native.built() is _native.prebuilt()
+        got = train("mlp", torch.float64)
+    finally:
+        _native.built.cache_clear()
+    assert len(native_calls) == STEPS - 1
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert not list(tmp_path.iterdir())  # nothing was built
+    assert max_deviation(got, train("mlp", torch.float64, foreach=False)) <= TOLERANCE[torch.float64]
+
+
 def test_default_without_a_compiler_takes_torch_kernels_without_a_warning(monkeypatch, tmp_path, recwarn):
+    """The same without a prebuilt kernel (a wheel built without a compiler, or a CPU without AVX2)."""
     from nero_torch import _native
 
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("NERO_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(_native, "prebuilt", lambda: None)
     monkeypatch.setattr(_native, "apply", lambda *a, **k: pytest.fail("the C kernel ran"))
     _native.built.cache_clear()
     try:
@@ -157,11 +180,30 @@ def test_native_cpu_kernel_skips_a_nonfinite_step_whole(bad, native_calls):
         assert all(torch.equal(state[k][n], t) for n, t in s.items())
 
 
+def test_without_a_compiler_fused_takes_the_prebuilt_kernel(monkeypatch, tmp_path, recwarn):
+    from nero_torch import _native
+
+    if _native.prebuilt() is None:
+        pytest.skip("no prebuilt kernel here (setup.py builds it on x86-64 Linux with a C compiler, for AVX2)")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("NERO_KERNEL_CACHE", str(tmp_path))
+    _native.library.cache_clear()
+    _native.built.cache_clear()
+    try:
+        assert _native.library() is _native.prebuilt()
+    finally:
+        _native.library.cache_clear()
+        _native.built.cache_clear()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_without_a_compiler_fused_falls_back_to_torch_kernels(monkeypatch, tmp_path):
+    """Without a prebuilt kernel either: the torch kernels, with one warning."""
     from nero_torch import _native
 
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("NERO_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(_native, "prebuilt", lambda: None)
     _native.library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match=r"Nero\(fused=True\): could not build the CPU kernel"):
@@ -256,6 +298,7 @@ def test_a_kernel_that_fails_to_load_falls_back(monkeypatch, tmp_path):
 
     monkeypatch.setenv("NERO_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(ctypes, "CDLL", refuse)
+    monkeypatch.setattr(_native, "prebuilt", lambda: None)  # (it would load in its place)
     _native.library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match=r"could not load the CPU kernel .*file too short.*torch kernels"):

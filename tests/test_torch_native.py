@@ -182,20 +182,26 @@ def _cpu_flags() -> set[str]:
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
-@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2", "sse2"])
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64", "prebuilt"], ids=["avx2", "sse2", "prebuilt"])
 def test_kernel_built_for_avx2_and_sse2_matches_the_core_rule(march, kernel_steps, monkeypatch):
-    """The kernel as a machine with AVX2 (or only SSE2) builds it: the same maths, within the reference's
-    tolerance. Where this machine has AVX (256-bit vectors, as the AVX2 build uses), the AVX2 build gives the same
-    bits as this machine's own build."""
+    """The kernel as a machine with AVX2 (or only SSE2) builds it, and the wheel's prebuilt one (setup.py, for AVX2:
+    what a machine without a compiler runs): the same maths, within the reference's tolerance. Where this machine
+    has AVX (256-bit vectors, as the AVX2 builds use), the AVX2 builds give the same bits as this machine's own."""
     from nero_core._kernels import load_library
 
-    if march == "x86-64-v3" and not {"avx2", "fma", "bmi2"} <= _cpu_flags():
+    if march != "x86-64" and not {"avx2", "fma", "bmi2"} <= _cpu_flags():
         pytest.skip("this CPU cannot run an AVX2 build")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    flags = [f"-march={march}" if f == "-march=native" else f for f in _native.FLAGS]
-    built = load_library(_native.SOURCE, compiler, flags, libs=["-lm"], who="test", fallback="nothing")
-    assert built is not None
-    variant = _native.declared(built)
+    if march == "prebuilt":
+        if _native.PREBUILT is None:
+            pytest.skip("no prebuilt kernel here (setup.py builds it on x86-64 Linux with a C compiler)")
+        variant = _native.prebuilt()
+        assert variant is not None, f"{_native.PREBUILT} does not load"
+    else:
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        flags = [f"-march={march}" if f == "-march=native" else f for f in _native.FLAGS]
+        built = load_library(_native.SOURCE, compiler, flags, libs=["-lm"], who="test", fallback="nothing")
+        assert built is not None
+        variant = _native.declared(built)
     rng = np.random.default_rng(2)
     w = balanced(rng.standard_normal((40, 203)))
     g, v = rng.standard_normal(w.shape) * 1e-2, np.full(40, 1e-3)
@@ -211,7 +217,7 @@ def test_kernel_built_for_avx2_and_sse2_matches_the_core_rule(march, kernel_step
             for case in CASES:
                 w_case, g_case, v_case, lr = crafted_rows(case, dtype)
                 results[name, dtype, case] = kernel_step(w_case, g_case, v_case, dtype, lr=lr)[0]
-    if march == "x86-64-v3" and "avx" in _cpu_flags():
+    if march != "x86-64" and "avx" in _cpu_flags():
         assert all(torch.equal(results[("native", *key[1:])], value) for key, value in results.items()
                    if key[0] == march)
 
@@ -221,6 +227,7 @@ def test_kernel_tests_skip_without_a_c_compiler(monkeypatch):
     that Nero(fused=True) gives there (pytest turns RuntimeWarnings into errors)."""
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)
+    monkeypatch.setattr(_native, "prebuilt", lambda: None)  # (a wheel without its prebuilt kernel)
     _native.library.cache_clear()
     try:
         with pytest.raises(pytest.skip.Exception, match="no C compiler"):

@@ -2,15 +2,18 @@
 
 The shared library is cached (``nero_core._kernels``: ``$NERO_KERNEL_CACHE``, else under ``$XDG_CACHE_HOME`` or
 ``~/.cache``), keyed by the source, the compiler, its flags and this CPU's instruction set, so it is built once per
-machine (about a second). Without a working compiler, :func:`library` returns None and ``Nero`` uses its torch
-kernels instead (the same maths): ``torch.compile``'d ones where :func:`compiles`, else the eager ones. It includes
-no torch header, so torch's version is not part of its key.
+machine (about a second). Where it cannot be built here (no compiler, or one that fails), the wheel's own build of
+the same source is loaded instead (:func:`prebuilt`: ``setup.py`` builds it for x86-64 CPUs with AVX2, where the
+wheel is built). Without either, :func:`library` returns None and ``Nero`` uses its torch kernels instead (the same
+maths): ``torch.compile``'d ones where :func:`compiles`, else the eager ones. It includes no torch header, so
+torch's version is not part of its key.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.machinery
 import os
 import shutil
 import warnings
@@ -21,7 +24,7 @@ from torch import Tensor
 
 from nero_core._kernels import Unavailable, compiler_runs, load_library, warn_unavailable
 
-__all__ = ["CENTRE", "NORMALISE", "Batch", "apply", "built", "compiles", "library", "new_v", "step"]
+__all__ = ["CENTRE", "NORMALISE", "Batch", "apply", "built", "compiles", "library", "new_v", "prebuilt", "step"]
 
 SOURCE = Path(__file__).with_name("_native.c")
 FLAGS = [
@@ -32,6 +35,32 @@ _I64 = ctypes.POINTER(ctypes.c_int64)
 _F64 = ctypes.POINTER(ctypes.c_double)
 
 
+def _prebuilt_path() -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = SOURCE.with_name("_native_prebuilt" + suffix)
+        if path.is_file():
+            return path
+    return None
+
+
+# The wheel's build of _native.c (setup.py: -O3 -mavx2, the same maths flags), None where the wheel has none.
+PREBUILT = _prebuilt_path()
+PREBUILT_CPUS = ("AVX2", "AVX512")  # torch's names for the CPUs that run it
+
+
+@functools.cache
+def prebuilt() -> ctypes.CDLL | None:
+    """The wheel's own build of the kernels, where it has one and this CPU runs it (AVX2), else None: what ``Nero``
+    loads where the kernel cannot be built here. Its OpenMP runtime (``libgomp.so.1``) is torch's own, already
+    loaded where the system has none."""
+    if PREBUILT is None or torch.backends.cpu.get_cpu_capability() not in PREBUILT_CPUS:
+        return None
+    try:
+        return declared(ctypes.CDLL(str(PREBUILT)))
+    except OSError:  # (a damaged install: the torch kernels then, as without it)
+        return None
+
+
 def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
@@ -39,6 +68,8 @@ def _compiler() -> str | None:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (with a warning) where they cannot be built here."""
+    if prebuilt() is not None:  # built here where that works, else the wheel's build, without a word
+        return built() or prebuilt()
     compiler = _compiler()
     if not compiler_runs(compiler) and not compiles("cpu"):  # no compiler works: compiles() gave the one warning
         return None
@@ -48,16 +79,16 @@ def library() -> ctypes.CDLL | None:
 
 @functools.cache
 def built() -> ctypes.CDLL | None:
-    """The compiled kernels where they build here, else None without a word: for the default ``fused=None``, which
-    takes them where it can and torch's kernels otherwise (``fused=True`` asked for them: :func:`library` says
-    why not)."""
+    """The kernels compiled here where they build, else the wheel's (:func:`prebuilt`), else None, without a word:
+    for the default ``fused=None``, which takes them where it can and torch's kernels otherwise (``fused=True``
+    asked for them: :func:`library` says why not)."""
     compiler = _compiler()
     if not compiler_runs(compiler):
-        return None
+        return prebuilt()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         lib = load_library(SOURCE, compiler, FLAGS, libs=["-lm"], who="Nero", fallback="the torch kernels")
-    return None if lib is None else declared(lib)
+    return prebuilt() if lib is None else declared(lib)
 
 
 def _loaded() -> ctypes.CDLL:

@@ -76,7 +76,8 @@ class Nero(torch.optim.Optimizer):
             ``Embedding`` have them) a C kernel does the whole step,
             reading and writing each row while it is in cache (after a first pass reading the gradients, unless
             ``skip_nonfinite="neuron"``), with torch's thread count (built with the system's C compiler on first
-            use, about a second, then cached; see ``nero_torch._native``). On CUDA (the same layouts; float16 and
+            use, about a second, then cached; without one, the build the wheel carries for x86-64 Linux with AVX2;
+            see ``nero_torch._native``). On CUDA (the same layouts; float16 and
             bfloat16 too) Triton kernels do it, a few launches for the whole model and no host sync, each row read
             once and written once (see ``nero_torch._triton``; their GPU speed is not measured yet). Elsewhere
             (under ``torch.compile``, other layouts) the fast path of neuron tensors runs as ``torch.compile``'d

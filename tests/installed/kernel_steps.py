@@ -3,7 +3,8 @@
 adapter's kernel ran and every warning given.
 
 Run as a script, ``python kernel_steps.py torch jax`` prints one JSON object per framework:
-``{"framework", "kernel_ran", "deviation", "warnings"}``. The installed-package tests import it or run it.
+``{"framework", "kernel_ran", "deviation", "warnings"}`` (torch's also ``"prebuilt"``: whether the kernel that ran
+was the wheel's prebuilt one). The installed-package tests import it or run it.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def torch_run() -> dict[str, Any]:
     finally:
         _native.apply = apply
     got = [t.detach().numpy() for t in tensors]
-    return _result("torch", bool(calls), _deviation(got, core_rule(params, grads, 0)), caught)
+    result = _result("torch", bool(calls), _deviation(got, core_rule(params, grads, 0)), caught)
+    result["prebuilt"] = bool(calls) and _native.library() is _native.prebuilt()  # the wheel's build ran
+    return result
 
 
 def jax_run() -> dict[str, Any]:

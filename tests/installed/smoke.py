@@ -3,17 +3,19 @@ from a directory outside the checkout:
 
     python tests/installed/smoke.py
 
-It checks that everything comes from the installed distribution (the kernel sources, py.typed, LICENSE and the STAR
-meta-parameters are in it) and runs each optimizer a few steps: ``nero_core`` on NumPy; ``nero_torch.Nero`` by
-default and with ``fused=True``, ``AGD`` and ``Star``; ``nero_optax.nero``, ``agd`` and ``star``. The two kernels
-must really run: a new kernel cache gains each library, the C kernel's update is called, the XLA custom call is in
-the compiled update, and nothing warns. Prints one line per check and ``N passed, N failed``; exits 1 on a failure.
+It checks that everything comes from the installed distribution (the kernel sources, the prebuilt C kernel on
+x86-64 Linux, py.typed, LICENSE and the STAR meta-parameters are in it) and runs each optimizer a few steps:
+``nero_core`` on NumPy; ``nero_torch.Nero`` by default and with ``fused=True``, ``AGD`` and ``Star``;
+``nero_optax.nero``, ``agd`` and ``star``. The two kernels must really run: a new kernel cache gains each
+library, the C kernel's update is called, the XLA custom call is in the compiled update, and nothing warns. Prints
+one line per check and ``N passed, N failed``; exits 1 on a failure.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
+import platform
 import sys
 import sysconfig
 import tempfile
@@ -44,6 +46,8 @@ def installed_files() -> str:
               "nero_optax/py.typed", "nero_core/data/star_v1.npz", "nero_core/data/star_v1.json"}
     assert needed <= files, f"missing from the wheel: {sorted(needed - files)}"
     assert any(f.endswith("licenses/LICENSE") for f in files), "no LICENSE in the dist-info"
+    if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64"):  # setup.py's prebuilt kernel
+        assert any(f.startswith("nero_torch/_native_prebuilt") for f in files), "no prebuilt C kernel in the wheel"
     meta = importlib.metadata.metadata("nero-core")
     assert meta["License-Expression"] == "Apache-2.0", meta["License-Expression"]
     assert meta["Version"] == nero_core.__version__

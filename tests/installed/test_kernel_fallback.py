@@ -1,6 +1,8 @@
 """The installed package's CPU kernels: every way one can be unavailable falls back to the framework's own kernels
 with one warning naming the cause and the fix (and the same maths), the cache's location and key, and concurrent
-first use.
+first use. Torch's kernel has a step between: where it cannot be built, the wheel's prebuilt one (``setup.py``) runs,
+without a word; the causes below are tested both with it (it runs) and without it (as in a wheel built without a
+compiler, or on a CPU without AVX2: the torch kernels, with the warning).
 
 These run against the installed wheel: ``make wheel-check`` runs them with the fresh virtual environment's Python
 (``NERO_TEST_INSTALLED=1``), from a directory outside the checkout; elsewhere they skip. Each case runs three steps
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -27,6 +30,7 @@ pytest.importorskip("optax")
 
 import jax  # noqa: E402
 import kernel_steps  # noqa: E402
+import torch  # noqa: E402
 
 import nero_core  # noqa: E402
 from nero_core._kernels import _seal  # noqa: E402
@@ -42,17 +46,34 @@ SCRIPT = Path(kernel_steps.__file__)
 def forget_kernels() -> None:
     """As in a new process: no kernel loaded or registered yet."""
     torch_native.library.cache_clear()
+    torch_native.built.cache_clear()
     optax_native._registered.cache_clear()
 
 
 @pytest.fixture
 def cache(monkeypatch, tmp_path) -> Path:
-    """An empty kernel cache, and no kernel loaded yet."""
+    """An empty kernel cache, no kernel loaded yet, and no prebuilt torch kernel (see :func:`with_prebuilt`)."""
     path = tmp_path / "cache"
     monkeypatch.setenv("NERO_KERNEL_CACHE", str(path))
+    monkeypatch.setattr(torch_native, "prebuilt", lambda: None)
     forget_kernels()
     yield path
     forget_kernels()
+
+
+@pytest.fixture
+def with_prebuilt(cache, monkeypatch):
+    """The cache fixture's empty cache, with the wheel's prebuilt torch kernel, which the wheel must carry on
+    x86-64 Linux where the CPU has AVX2."""
+    monkeypatch.undo()  # (the cache variable, set again below, and the prebuilt kernel, back)
+    monkeypatch.setenv("NERO_KERNEL_CACHE", str(cache))
+    if platform.machine() not in ("x86_64", "AMD64") or not sys.platform.startswith("linux"):
+        pytest.skip("the wheel carries a prebuilt kernel on x86-64 Linux only")
+    assert torch_native.PREBUILT is not None, "the wheel carries no prebuilt kernel"
+    if torch.backends.cpu.get_cpu_capability() not in torch_native.PREBUILT_CPUS:
+        pytest.skip("this CPU has no AVX2: the prebuilt kernel is not for it")
+    assert torch_native.prebuilt() is not None
+    return cache
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +129,10 @@ def compiler() -> str:
 
 
 def test_the_package_under_test_is_the_installed_one():
-    site = Path(sysconfig.get_paths()["purelib"]).resolve()
-    for module in (nero_core, torch_native, optax_native):
-        assert Path(module.__file__).resolve().is_relative_to(site), module.__file__
+    sites = {Path(sysconfig.get_paths()[key]).resolve() for key in ("purelib", "platlib")}
+    for path in (nero_core.__file__, torch_native.__file__, optax_native.__file__, torch_native.PREBUILT):
+        if path is not None:
+            assert any(Path(path).resolve().is_relative_to(site) for site in sites), path
 
 
 # ---- the causes, one by one -----------------------------------------------------------------------------------
@@ -148,6 +170,36 @@ def test_a_compiler_that_fails_falls_back(framework, cache, monkeypatch, tmp_pat
     monkeypatch.setenv(COMPILER_VARIABLE[framework], str(fake))
     assert_fell_back(run(framework), "could not build the CPU kernel", "fakecc: error: builds nothing",
                      f"Set {COMPILER_VARIABLE[framework]} to a GCC or Clang")
+
+
+def assert_prebuilt_ran(result: dict[str, Any]) -> None:
+    assert result["prebuilt"] and not ours(result), result
+    assert_kernel_ran(result)
+
+
+@pytest.mark.parametrize("cause", ["no source", "no compiler", "a failing compiler", "no cache"])
+def test_where_the_kernel_cannot_be_built_the_prebuilt_one_runs_without_a_word(cause, with_prebuilt, monkeypatch,
+                                                                              tmp_path):
+    if cause == "no source":
+        monkeypatch.setattr(torch_native, "SOURCE", tmp_path / "missing.c")
+    elif cause == "no compiler":
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    elif cause == "a failing compiler":
+        fake = tmp_path / "fakecc"
+        fake.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "fakecc 1.0"; exit 0; }\nexit 1\n')
+        fake.chmod(0o755)
+        monkeypatch.setenv("CC", str(fake))
+    else:
+        (tmp_path / "a-file").write_text("")
+        monkeypatch.setenv("NERO_KERNEL_CACHE", str(tmp_path / "a-file" / "kernels"))
+    assert_prebuilt_ran(run("torch"))
+
+
+def test_where_the_kernel_builds_it_is_built_not_the_prebuilt_one(with_prebuilt):
+    result = run("torch")
+    assert_kernel_ran(result)
+    assert not result["prebuilt"], result
+    library_in(with_prebuilt, "torch")
 
 
 def test_jaxlib_without_its_headers_falls_back(cache, monkeypatch, tmp_path):
@@ -203,8 +255,9 @@ def run_processes(count: int, env: dict[str, str], cwd: Path, prefix: list[str] 
 
 @pytest.mark.parametrize("variables", ["PATH", "PATH, CC and CXX"])
 def test_without_any_compiler_each_framework_falls_back_with_one_warning(variables, tmp_path):
-    """No C or C++ compiler on PATH (and CC, CXX naming none): torch runs its eager kernels, since torch.compile
-    needs a C++ compiler on CPU too; JAX runs XLA's reductions."""
+    """No C or C++ compiler on PATH (and CC, CXX naming none), as in a container without build tools: torch runs
+    the wheel's prebuilt kernel, without a word (where the wheel has none, or the CPU no AVX2: its eager kernels,
+    with one warning, since torch.compile needs a C++ compiler on CPU too); JAX runs XLA's reductions."""
     empty = tmp_path / "bin"
     empty.mkdir()
     env = dict(os.environ, PATH=str(empty), NERO_KERNEL_CACHE=str(tmp_path / "cache"))
@@ -213,8 +266,11 @@ def test_without_any_compiler_each_framework_falls_back_with_one_warning(variabl
     else:
         env.update(CC=str(empty / "cc"), CXX=str(empty / "c++"))
     [(torch_result, jax_result)] = run_processes(1, env, tmp_path)
-    assert_fell_back(torch_result, "torch.compile finds no C++ compiler", "the eager torch kernels", "install",
-                     "set CXX", "CC")
+    if torch_native.prebuilt() is not None:
+        assert_prebuilt_ran(torch_result)
+    else:
+        assert_fell_back(torch_result, "torch.compile finds no C++ compiler", "the eager torch kernels", "install",
+                         "set CXX", "CC")
     cause = "no C++ compiler found" if variables == "PATH" else "does not run"
     assert_fell_back(jax_result, cause, "XLA's reductions", "CXX")
 
