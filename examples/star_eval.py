@@ -18,7 +18,9 @@ mean final training loss). The runs of one optimizer are one ``vmap`` under one 
 sees the same minibatches.
 
 A task's results are written as soon as it finishes (``--out``), and a rerun skips the tasks already there, so an
-interrupted run resumes. The verdict (the shipping criteria of issue 23) is computed from the table:
+interrupted run resumes; a task run before the no-nominal set existed gets that column added (its other runs kept).
+Processes may share the suite (``--tasks``, one share each) and one ``--out``: each writes its tasks under a lock,
+beside the others'. The verdict (the shipping criteria of issue 23) is computed from the table:
 STAR never diverges, is never at chance where Adam at 1e-3 trains, and is within 2 points of accuracy (or 5% of
 the loss, for the transformer) of Adam at 1e-3 on the majority of tasks.
 
@@ -26,6 +28,7 @@ the loss, for the transformer) of Adam at 1e-3 on the majority of tasks.
     python examples/star_eval.py --quick           # CI smoke run: tiny tasks, one seed, seconds
     python examples/star_eval.py --meta star_v2    # a named parameter set (default: the shipped default)
     python examples/star_eval.py --steps 1000      # a shorter horizon (recorded in the results)
+    python examples/star_eval.py --tasks cifar10_cnn,shakespeare_transformer   # one process's share
 
 Without a no-nominal set ``star_nonom_<tag>`` beside ``star_<tag>``, that column is left out (recorded as such).
 """
@@ -241,26 +244,45 @@ def nonom_params(meta_name: str) -> dict[str, np.ndarray] | None:
         return None
 
 
-def evaluate(task: Task, seeds: list[int], meta_name: str) -> dict[str, Any]:
+def evaluate(task: Task, seeds: list[int], meta_name: str, done: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The task's runs, except those already in ``done`` (a previous result of the same task, which the result then
+    extends: a no-nominal set meta-trained after the rest of the task had run)."""
     n = len(seeds)
+    results: dict[str, Any] = dict(done or {})
     star_meta = load_star_params(meta_name)
     sets = {  # name: (meta-parameters, step_mult, nominal_stepsize); one compiled vmap for the three
         "star": (star_meta, 1e-3, load_star_config(meta_name)["rule"]["nominal_stepsize"]),
         "star_nonom": (nonom_params(meta_name), 1e-3, 0.0),
         "adam_aggmo": (zero_output(star_meta), 1e-3, 1e-3),
     }
-    sets = {k: v for k, v in sets.items() if v[0] is not None}
+    sets = {k: v for k, v in sets.items() if v[0] is not None and k not in results}
     names = list(sets)
+    t0 = time.time()
+    if names:
+        _run_star_sets(task, seeds, sets, results)
+    if "adam_1e-3" not in results:
+        _run_adam(task, seeds, results)
+    results["chance"] = task.chance
+    results["steps"] = task.steps
+    results["wall_seconds"] = round(results.get("wall_seconds", 0.0) + time.time() - t0, 1)
+    return results
+
+
+def _run_star_sets(task: Task, seeds: list[int], sets: dict[str, Any], results: dict[str, Any]) -> None:
+    n, names = len(seeds), list(sets)
+    star_meta = next(iter(sets.values()))[0]
     meta = {k: jnp.asarray(np.repeat(np.stack([sets[m][0][k] for m in names]), n, 0), jnp.float32) for k in star_meta}
     step_mult = jnp.asarray(np.repeat([sets[m][1] for m in names], n), jnp.float32)
     nominal = jnp.asarray(np.repeat([sets[m][2] for m in names], n), jnp.float32)
-    t0 = time.time()
     losses, held = run_group(task, lambda hp: star(hp[0], step_mult=hp[1], nominal_stepsize=hp[2]),
                              (meta, step_mult, nominal), jnp.asarray(np.tile(seeds, len(names))))
-    results: dict[str, Any] = {}
     for i, name in enumerate(names):
         sl = slice(i * n, (i + 1) * n)
         results[name] = summarise(losses[sl], {k: v[sl] for k, v in held.items()})
+
+
+def _run_adam(task: Task, seeds: list[int], results: dict[str, Any]) -> None:
+    n = len(seeds)
     lrs = jnp.asarray(np.repeat(ADAM_LRS, n), jnp.float32)
     losses, held = run_group(task, lambda lr: optax.adam(lr), lrs, jnp.asarray(np.tile(seeds, len(ADAM_LRS))))
     adam = {}
@@ -272,10 +294,6 @@ def evaluate(task: Task, seeds: list[int], meta_name: str) -> dict[str, Any]:
     results["adam_1e-3"] = adam[1e-3]
     results["adam_best"] = dict(adam[best], lr=best)
     results["adam_grid"] = {str(lr): float(np.mean(r["final_train_loss"])) for lr, r in adam.items()}
-    results["chance"] = task.chance
-    results["steps"] = task.steps
-    results["wall_seconds"] = round(time.time() - t0, 1)
-    return results
 
 
 def _metric(res: dict[str, Any]) -> str:
@@ -324,15 +342,50 @@ def table(tasks: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def suite(quick: bool, steps: int = 2000) -> list[Callable[[], Task]]:
-    """The tasks, as constructors (data load only when a task runs)."""
+def suite(quick: bool, steps: int = 2000) -> dict[str, Callable[[], Task]]:
+    """The tasks by name, as constructors (data load only when a task runs)."""
     if quick:
-        return [lambda: mnist_mlp(10, 16, 3, 16, n_test=256), lambda: cifar_cnn(64, 64, 8, 16, channels=(4, 8)),
-                lambda: char_transformer(8, 4, ctx=16, d=16, layers=1)]
-    return [lambda: mnist_mlp(steps, 128, 3, 192), lambda: mnist_mlp(steps, 128, 6, 192),
-            lambda: mnist_mlp(steps, 128, 12, 128), lambda: mnist_mlp(steps, 128, 2, 1024),
-            lambda: mnist_mlp(steps, 128, 4, 256, "silu"), lambda: cifar_cnn(10000, 2000, steps, 64),
-            lambda: char_transformer(steps, 16)]
+        return {"mnist_mlp3x16": lambda: mnist_mlp(10, 16, 3, 16, n_test=256),
+                "cifar10_cnn": lambda: cifar_cnn(64, 64, 8, 16, channels=(4, 8)),
+                "shakespeare_transformer": lambda: char_transformer(8, 4, ctx=16, d=16, layers=1)}
+    return {"mnist_mlp3x192": lambda: mnist_mlp(steps, 128, 3, 192),
+            "mnist_mlp6x192": lambda: mnist_mlp(steps, 128, 6, 192),
+            "mnist_mlp12x128": lambda: mnist_mlp(steps, 128, 12, 128),
+            "mnist_mlp2x1024": lambda: mnist_mlp(steps, 128, 2, 1024),
+            "mnist_mlp4x256_silu": lambda: mnist_mlp(steps, 128, 4, 256, "silu"),
+            "cifar10_cnn": lambda: cifar_cnn(10000, 2000, steps, 64),
+            "shakespeare_transformer": lambda: char_transformer(steps, 16)}
+
+
+def _same_run(done: dict[str, Any], results: dict[str, Any]) -> bool:
+    return all(done.get(k) == results[k] for k in ("meta_params", "seeds", "steps"))
+
+
+def save(out: Path, results: dict[str, Any], names: list[str], seconds: float) -> dict[str, Any]:
+    """Writes ``results`` to ``out``, keeping the other tasks of the same configuration that ``out`` holds (another
+    process's share of the suite, ``--tasks``), with the table and verdict over them all and ``seconds`` added to
+    the wall time; under a lock, and by a rename, so that neither a second process nor an interruption leaves a
+    torn file. Returns what was written."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = dict(results, tasks={}, wall_seconds=0.0)
+        if out.exists():
+            done = json.loads(out.read_text())
+            if _same_run(done, results):
+                merged.update(tasks=done["tasks"], wall_seconds=done.get("wall_seconds", 0.0))
+        merged["tasks"].update(results["tasks"])
+        merged["tasks"] = {n: merged["tasks"][n] for n in names if n in merged["tasks"]}
+        merged["wall_seconds"] = round(merged["wall_seconds"] + seconds, 1)
+        merged["table"] = table(merged["tasks"])
+        merged["verdict"] = verdict(merged["tasks"])
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(merged, indent=1) + "\n")
+        tmp.replace(out)
+        out.with_suffix(".md").write_text(merged["table"] + "\n")
+    return merged
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -342,34 +395,42 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--meta", default=DEFAULT_PARAMS, help="the STAR parameter set (star_<tag>; its baseline is "
                                                            "star_nonom_<tag>)")
     ap.add_argument("--steps", type=int, default=2000, help="steps per run (10x the meta-training horizon)")
+    ap.add_argument("--tasks", default="", help="a comma-separated share of the suite's tasks (default: all), "
+                                                "for processes that share one --out")
     ap.add_argument("--out", type=Path, default=ROOT / "examples" / "results" / "star" / "eval.json")
     args = ap.parse_args(argv)
     seeds = [0] if args.quick else list(range(args.seeds))
+    tasks = suite(args.quick, args.steps)
+    chosen = [t for t in args.tasks.split(",") if t] or list(tasks)
+    unknown = [t for t in chosen if t not in tasks]
+    if unknown:
+        ap.error(f"--tasks: no task {', '.join(unknown)} in the suite (it has {', '.join(tasks)})")
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if "--tasks" in argv:  # the suite's command, whichever share of it this process runs
+        del argv[argv.index("--tasks"):argv.index("--tasks") + 2]
+    argv = [a for a in argv if not a.startswith("--tasks=")]
     results = {"quick": args.quick, "seeds": seeds, "meta_params": args.meta, "steps": args.steps,
                "meta_training_horizon": load_star_config(args.meta)["config"]["horizon"],
-               "command": "python examples/star_eval.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "tasks": {}}
+               "command": "python examples/star_eval.py " + " ".join(argv), "tasks": {}}
+    merged = dict(results)
     if not args.quick and args.out.exists():  # resume: keep the finished tasks of the same configuration
-        done = json.loads(args.out.read_text())
-        if done.get("meta_params") == args.meta and done.get("seeds") == seeds and done.get("steps") == args.steps:
-            results["tasks"] = done["tasks"]
-    start = time.time()
-    for make in suite(args.quick, args.steps):
-        task = make()
-        if task.name in results["tasks"]:
-            continue
-        results["tasks"][task.name] = evaluate(task, seeds, args.meta)
-        print(f"{task.name}: {results['tasks'][task.name]['wall_seconds']} s", flush=True)
-        results["wall_seconds"] = round(results.get("wall_seconds", 0.0) + time.time() - start, 1)
+        previous = json.loads(args.out.read_text())
+        if _same_run(previous, results):
+            merged = previous
+    nonom = nonom_params(args.meta) is not None
+    for name in chosen:
+        have = merged["tasks"].get(name)
+        if have is not None and ("star_nonom" in have or not nonom):
+            continue  # done (a task run before the no-nominal set existed gets that column added)
         start = time.time()
-        results["table"] = table(results["tasks"])
-        results["verdict"] = verdict(results["tasks"])
-        if not args.quick:  # written after every task, so an interrupted run keeps (and resumes from) them
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=1) + "\n")
-            args.out.with_suffix(".md").write_text(results["table"] + "\n")
-    print(results["table"])
-    print(json.dumps({k: v for k, v in results["verdict"].items() if k != "tasks"}))
+        result = evaluate(tasks[name](), seeds, args.meta, have)
+        print(f"{name}: {result['wall_seconds']} s", flush=True)
+        if args.quick:
+            merged["tasks"][name] = result
+        else:  # written after every task, so an interrupted run keeps (and resumes from) them
+            merged = save(args.out, dict(results, tasks={name: result}), list(tasks), time.time() - start)
+    print(table(merged["tasks"]))
+    print(json.dumps({k: v for k, v in verdict(merged["tasks"]).items() if k != "tasks"}))
 
 
 if __name__ == "__main__":
