@@ -9,8 +9,10 @@ ctypes). Optional: where it cannot be built (no compiler where the wheel is buil
 is built without it and Nero compiles at first use or takes the torch kernels, as before.
 """
 
+import hashlib
 import platform
 import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -24,12 +26,14 @@ class _PlainLibrary(build_ext):
 
 
 FLAGS = ["-O3", "-mavx2", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+SOURCE = "adapters/nero_torch/_native.c"
 
 ext_modules = []
 if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64"):
+    digest = hashlib.sha256((Path(__file__).parent / SOURCE).read_bytes()).hexdigest()[:16]  # see _native.c
     ext_modules.append(Extension(
-        "nero_torch._native_prebuilt", ["adapters/nero_torch/_native.c"], extra_compile_args=FLAGS,
-        extra_link_args=["-fopenmp", "-lm"], optional=True,
+        "nero_torch._native_prebuilt", [SOURCE], extra_compile_args=FLAGS, extra_link_args=["-fopenmp", "-lm"],
+        define_macros=[("NERO_SOURCE_DIGEST", f'"{digest}"')], optional=True,
     ))
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": _PlainLibrary})

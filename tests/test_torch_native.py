@@ -195,7 +195,8 @@ def test_kernel_built_for_avx2_and_sse2_matches_the_core_rule(march, kernel_step
         if _native.PREBUILT is None:
             pytest.skip("no prebuilt kernel here (setup.py builds it on x86-64 Linux with a C compiler)")
         variant = _native.prebuilt()
-        assert variant is not None, f"{_native.PREBUILT} does not load"
+        assert variant is not None, (f"{_native.PREBUILT} does not load, or was built from another _native.c "
+                                     "(pip install -e . builds it again)")
     else:
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         flags = [f"-march={march}" if f == "-march=native" else f for f in _native.FLAGS]
@@ -220,6 +221,23 @@ def test_kernel_built_for_avx2_and_sse2_matches_the_core_rule(march, kernel_step
     if march != "x86-64" and "avx" in _cpu_flags():
         assert all(torch.equal(results[("native", *key[1:])], value) for key, value in results.items()
                    if key[0] == march)
+
+
+def test_a_prebuilt_kernel_built_from_another_source_is_not_loaded(monkeypatch, tmp_path):
+    """As an in-place build left behind by an edit of _native.c: the library's digest of its source tells."""
+    if _native.PREBUILT is None or torch.backends.cpu.get_cpu_capability() not in _native.PREBUILT_CPUS:
+        pytest.skip("no prebuilt kernel for this machine")
+    changed = tmp_path / "_native.c"
+    changed.write_text(_native.SOURCE.read_text() + "\n/* an edit */\n")
+    _native.prebuilt.cache_clear()
+    try:
+        assert _native.prebuilt() is not None
+        monkeypatch.setattr(_native, "SOURCE", changed)
+        _native.prebuilt.cache_clear()
+        assert _native.prebuilt() is None
+    finally:
+        monkeypatch.undo()
+        _native.prebuilt.cache_clear()
 
 
 def test_kernel_tests_skip_without_a_c_compiler(monkeypatch):

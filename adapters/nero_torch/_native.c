@@ -23,6 +23,12 @@
  */
 #include <math.h>
 #include <stdint.h>
+
+/* The digest of this file, where the build passes it (setup.py, for the wheel's prebuilt kernel): nero_torch._native
+ * loads no library built from another version of the source. */
+#ifdef NERO_SOURCE_DIGEST
+const char nero_source_digest[] = NERO_SOURCE_DIGEST;
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif

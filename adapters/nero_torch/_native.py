@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import importlib.machinery
 import os
 import shutil
@@ -50,15 +51,26 @@ PREBUILT_CPUS = ("AVX2", "AVX512")  # torch's names for the CPUs that run it
 
 @functools.cache
 def prebuilt() -> ctypes.CDLL | None:
-    """The wheel's own build of the kernels, where it has one and this CPU runs it (AVX2), else None: what ``Nero``
-    loads where the kernel cannot be built here. Its OpenMP runtime (``libgomp.so.1``) is torch's own, already
-    loaded where the system has none."""
+    """The wheel's own build of the kernels, where it has one, this CPU runs it (AVX2) and it was built from this
+    :data:`SOURCE` (a digest in the library says), else None: what ``Nero`` loads where the kernel cannot be built
+    here. Its OpenMP runtime (``libgomp.so.1``) is torch's own, already loaded where the system has none."""
     if PREBUILT is None or torch.backends.cpu.get_cpu_capability() not in PREBUILT_CPUS:
         return None
     try:
-        return declared(ctypes.CDLL(str(PREBUILT)))
+        lib = ctypes.CDLL(str(PREBUILT))
     except OSError:  # (a damaged install: the torch kernels then, as without it)
         return None
+    try:
+        source = SOURCE.read_bytes()
+    except OSError:  # (the source cannot be read to compare: the two came in one wheel)
+        return declared(lib)
+    try:
+        digest = (ctypes.c_char * 17).in_dll(lib, "nero_source_digest").value.decode()
+    except ValueError:
+        digest = None
+    if digest != hashlib.sha256(source).hexdigest()[:16]:  # built from another source (a stale in-place build)
+        return None
+    return declared(lib)
 
 
 def _compiler() -> str | None:
