@@ -244,56 +244,62 @@ def nonom_params(meta_name: str) -> dict[str, np.ndarray] | None:
         return None
 
 
-def evaluate(task: Task, seeds: list[int], meta_name: str, done: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The task's runs, except those already in ``done`` (a previous result of the same task, which the result then
-    extends: a no-nominal set meta-trained after the rest of the task had run)."""
+def evaluate(task: Task, seeds: list[int], meta_name: str, done: dict[str, Any] | None = None,
+             partial: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
+    """The task's runs, except those already in ``done`` (a previous, perhaps partial, result of the same task, which
+    the result then extends). One optimizer (one learning rate of Adam's) at a time, its seeds vmapped, each
+    handed to ``partial`` as it finishes, so that an interrupted task keeps what it had done."""
     n = len(seeds)
     results: dict[str, Any] = dict(done or {})
+    results["chance"] = task.chance
+    results["steps"] = task.steps
     star_meta = load_star_params(meta_name)
-    sets = {  # name: (meta-parameters, step_mult, nominal_stepsize); one compiled vmap for the three
+    sets = {  # name: (meta-parameters, step_mult, nominal_stepsize)
         "star": (star_meta, 1e-3, load_star_config(meta_name)["rule"]["nominal_stepsize"]),
         "star_nonom": (nonom_params(meta_name), 1e-3, 0.0),
         "adam_aggmo": (zero_output(star_meta), 1e-3, 1e-3),
     }
-    sets = {k: v for k, v in sets.items() if v[0] is not None and k not in results}
-    names = list(sets)
-    t0 = time.time()
-    if names:
-        _run_star_sets(task, seeds, sets, results)
+    runs: list[tuple[str, Callable[[], Any]]] = [
+        (name, lambda spec=spec: _run_star(task, seeds, spec)) for name, spec in sets.items()
+        if spec[0] is not None and name not in results]
     if "adam_1e-3" not in results:
-        _run_adam(task, seeds, results)
-    results["chance"] = task.chance
-    results["steps"] = task.steps
-    results["wall_seconds"] = round(results.get("wall_seconds", 0.0) + time.time() - t0, 1)
+        grid = results.setdefault("adam_runs", {})
+        runs += [(str(lr), lambda lr=lr: run_group(task, lambda lr: optax.adam(lr),
+                                                   jnp.full((n,), lr, jnp.float32), jnp.asarray(seeds)))
+                 for lr in ADAM_LRS if str(lr) not in grid]
+    for name, run in runs:
+        t0 = time.time()
+        summary = summarise(*run())
+        if name in sets:
+            results[name] = summary
+        else:
+            results["adam_runs"][name] = summary
+        results["wall_seconds"] = round(results.get("wall_seconds", 0.0) + time.time() - t0, 1)
+        partial(results)
+    if "adam_runs" in results and len(results["adam_runs"]) == len(ADAM_LRS):
+        adam = {lr: results["adam_runs"][str(lr)] for lr in ADAM_LRS}
+        finite = {lr: np.mean(r["final_train_loss"]) for lr, r in adam.items() if not any(r["diverged"])}
+        best = min(finite or {lr: 0.0 for lr in ADAM_LRS}, key=lambda lr: finite.get(lr, np.inf))
+        results["adam_1e-3"] = adam[1e-3]
+        results["adam_best"] = dict(adam[best], lr=best)
+        results["adam_grid"] = {str(lr): float(np.mean(r["final_train_loss"])) for lr, r in adam.items()}
+        del results["adam_runs"]
     return results
 
 
-def _run_star_sets(task: Task, seeds: list[int], sets: dict[str, Any], results: dict[str, Any]) -> None:
-    n, names = len(seeds), list(sets)
-    star_meta = next(iter(sets.values()))[0]
-    meta = {k: jnp.asarray(np.repeat(np.stack([sets[m][0][k] for m in names]), n, 0), jnp.float32) for k in star_meta}
-    step_mult = jnp.asarray(np.repeat([sets[m][1] for m in names], n), jnp.float32)
-    nominal = jnp.asarray(np.repeat([sets[m][2] for m in names], n), jnp.float32)
-    losses, held = run_group(task, lambda hp: star(hp[0], step_mult=hp[1], nominal_stepsize=hp[2]),
-                             (meta, step_mult, nominal), jnp.asarray(np.tile(seeds, len(names))))
-    for i, name in enumerate(names):
-        sl = slice(i * n, (i + 1) * n)
-        results[name] = summarise(losses[sl], {k: v[sl] for k, v in held.items()})
+def complete(result: dict[str, Any] | None, nonom: bool) -> bool:
+    """Whether a task's result has every optimizer (the no-nominal baseline where its set exists)."""
+    needed = ["star", "adam_aggmo", "adam_1e-3"] + (["star_nonom"] if nonom else [])
+    return result is not None and all(k in result for k in needed)
 
 
-def _run_adam(task: Task, seeds: list[int], results: dict[str, Any]) -> None:
+def _run_star(task: Task, seeds: list[int], spec: tuple[Any, float, float]) -> tuple[np.ndarray, dict]:
+    meta_params, step_mult, nominal = spec
     n = len(seeds)
-    lrs = jnp.asarray(np.repeat(ADAM_LRS, n), jnp.float32)
-    losses, held = run_group(task, lambda lr: optax.adam(lr), lrs, jnp.asarray(np.tile(seeds, len(ADAM_LRS))))
-    adam = {}
-    for i, lr in enumerate(ADAM_LRS):
-        sl = slice(i * n, (i + 1) * n)
-        adam[lr] = summarise(losses[sl], {k: v[sl] for k, v in held.items()})
-    finite = {lr: np.mean(r["final_train_loss"]) for lr, r in adam.items() if not any(r["diverged"])}
-    best = min(finite or {lr: 0.0 for lr in ADAM_LRS}, key=lambda lr: finite.get(lr, np.inf))
-    results["adam_1e-3"] = adam[1e-3]
-    results["adam_best"] = dict(adam[best], lr=best)
-    results["adam_grid"] = {str(lr): float(np.mean(r["final_train_loss"])) for lr, r in adam.items()}
+    meta = {k: jnp.asarray(np.repeat(v[None], n, 0), jnp.float32) for k, v in meta_params.items()}
+    return run_group(task, lambda hp: star(hp[0], step_mult=hp[1], nominal_stepsize=hp[2]),
+                     (meta, jnp.full((n,), step_mult, jnp.float32), jnp.full((n,), nominal, jnp.float32)),
+                     jnp.asarray(seeds))
 
 
 def _metric(res: dict[str, Any]) -> str:
@@ -306,6 +312,8 @@ def verdict(tasks: dict[str, Any]) -> dict[str, Any]:
     accuracy (5% of the loss) of Adam at 1e-3 on the majority of tasks."""
     per_task = {}
     for name, res in tasks.items():
+        if "star" not in res or "adam_1e-3" not in res:  # (a task under way)
+            continue
         star_r, adam = res["star"], res["adam_1e-3"]
         metric = _metric(res)
         s, a = float(np.mean(star_r[metric])), float(np.mean(adam[metric]))
@@ -420,15 +428,20 @@ def main(argv: list[str] | None = None) -> None:
     nonom = nonom_params(args.meta) is not None
     for name in chosen:
         have = merged["tasks"].get(name)
-        if have is not None and ("star_nonom" in have or not nonom):
-            continue  # done (a task run before the no-nominal set existed gets that column added)
-        start = time.time()
-        result = evaluate(tasks[name](), seeds, args.meta, have)
+        if complete(have, nonom):
+            continue  # (a task run before the no-nominal set existed gets that column added)
+        clock = [time.time()]
+
+        def partial(result: dict[str, Any], name: str = name, clock: list[float] = clock) -> None:
+            """Written after every optimizer, so an interrupted run keeps (and resumes from) what it did."""
+            if not args.quick:
+                save(args.out, dict(results, tasks={name: result}), list(tasks), time.time() - clock[0])
+                clock[0] = time.time()
+
+        result = evaluate(tasks[name](), seeds, args.meta, have, partial)
         print(f"{name}: {result['wall_seconds']} s", flush=True)
-        if args.quick:
-            merged["tasks"][name] = result
-        else:  # written after every task, so an interrupted run keeps (and resumes from) them
-            merged = save(args.out, dict(results, tasks={name: result}), list(tasks), time.time() - start)
+        merged = save(args.out, dict(results, tasks={name: result}), list(tasks), 0.0) if not args.quick else \
+            dict(merged, tasks={**merged["tasks"], name: result})
     print(table(merged["tasks"]))
     print(json.dumps({k: v for k, v in verdict(merged["tasks"]).items() if k != "tasks"}))
 
