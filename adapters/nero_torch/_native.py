@@ -79,7 +79,8 @@ def _compiler() -> str | None:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (with a warning) where they cannot be built here."""
+    """The compiled kernels (built here, else the wheel's :func:`prebuilt` ones, without a word), or None (with a
+    warning) where neither can be had."""
     if prebuilt() is not None:  # built here where that works, else the wheel's build, without a word
         return built() or prebuilt()
     compiler = _compiler()
