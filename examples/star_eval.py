@@ -427,6 +427,10 @@ def main(argv: list[str] | None = None) -> None:
             merged = previous
     nonom = nonom_params(args.meta) is not None
     for name in chosen:
+        if not args.quick and args.out.exists():  # (another process's share may have moved on)
+            previous = json.loads(args.out.read_text())
+            if _same_run(previous, results):
+                merged = previous
         have = merged["tasks"].get(name)
         if complete(have, nonom):
             continue  # (a task run before the no-nominal set existed gets that column added)
