@@ -36,6 +36,7 @@ Without a no-nominal set ``star_nonom_<tag>`` beside ``star_<tag>``, that column
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import os
@@ -250,7 +251,7 @@ def evaluate(task: Task, seeds: list[int], meta_name: str, done: dict[str, Any] 
     the result then extends). One optimizer (one learning rate of Adam's) at a time, its seeds vmapped, each
     handed to ``partial`` as it finishes, so that an interrupted task keeps what it had done."""
     n = len(seeds)
-    results: dict[str, Any] = dict(done or {})
+    results: dict[str, Any] = copy.deepcopy(done or {})
     results["chance"] = task.chance
     results["steps"] = task.steps
     star_meta = load_star_params(meta_name)
