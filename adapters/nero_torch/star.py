@@ -10,7 +10,9 @@ import torch
 
 import array_api_compat.torch as xp
 from nero_core._base import check_gradients
-from nero_core._star import MOMENTUM_DECAYS, RMS_DECAY, _adafactor_accumulate, _meta_arrays, _step, load_star_params
+from nero_core._star import (
+    DEFAULT_PARAMS, MOMENTUM_DECAYS, RMS_DECAY, _adafactor_accumulate, _meta_arrays, _step, load_star_params,
+)
 from nero_core._star import star as star_rule
 
 from ._star_step import step_in_place
@@ -42,7 +44,8 @@ class Star(torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups.
-        meta_params: the MLP weights (a mapping of arrays), the name of a shipped set, or None for ``"star_v1"``.
+        meta_params: the MLP weights (a mapping of arrays), the name of a shipped set, or None for the default set
+            (``nero_core._star.DEFAULT_PARAMS``, ``"star_v1"``).
         step_mult: as in :func:`nero_core.star`; per group.
         nominal_stepsize: as in :func:`nero_core.star`; per group.
         weight_decay: as in :func:`nero_core.star`; per group.
@@ -60,7 +63,7 @@ class Star(torch.optim.Optimizer):
         skip_nonfinite: bool = True,
     ) -> None:
         if meta_params is None or isinstance(meta_params, str):
-            meta_params = load_star_params(meta_params or "star_v1")
+            meta_params = load_star_params(meta_params or DEFAULT_PARAMS)
         self._meta = {k: np.asarray(v) for k, v in meta_params.items()}
         star_rule(self._meta, step_mult=step_mult, nominal_stepsize=nominal_stepsize, weight_decay=weight_decay)
         defaults = dict(step_mult=step_mult, nominal_stepsize=nominal_stepsize, weight_decay=weight_decay,
