@@ -255,8 +255,9 @@ def nonom_params(meta_name: str) -> dict[str, np.ndarray] | None:
 def evaluate(task: Task, seeds: list[int], meta_name: str, done: dict[str, Any] | None = None,
              partial: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
     """The task's runs, except those already in ``done`` (a previous, perhaps partial, result of the same task, which
-    the result then extends). One optimizer (one learning rate of Adam's) at a time, its seeds vmapped, each
-    handed to ``partial`` as it finishes, so that an interrupted task keeps what it had done."""
+    the result then extends). One optimizer (one learning rate of Adam's) at a time, its seeds in one
+    :func:`run_group`, each handed to ``partial`` as it finishes, so that an interrupted task keeps what it had
+    done."""
     n = len(seeds)
     results: dict[str, Any] = copy.deepcopy(done or {})
     results["chance"] = task.chance

@@ -81,8 +81,8 @@ def _compiler() -> str | None:
 def library() -> ctypes.CDLL | None:
     """The compiled kernels (built here, else the wheel's :func:`prebuilt` ones, without a word), or None (with a
     warning) where neither can be had."""
-    if prebuilt() is not None:  # built here where that works, else the wheel's build, without a word
-        return built() or prebuilt()
+    if prebuilt() is not None:  # built here where that works, else the wheel's build (built() says which), silently
+        return built()
     compiler = _compiler()
     if not compiler_runs(compiler) and not compiles("cpu"):  # no compiler works: compiles() gave the one warning
         return None

@@ -50,7 +50,8 @@ class Nero(torch.optim.Optimizer):
     Every balanced neuron turns through an angle of about ``lr`` radians per step, whatever the layer, so one
     ``lr`` serves every layer; the default 0.01 is a starting point, not a tuned value (in the project's Table 1
     the best lr ran from 0.0316 to 0.316 across five tasks; ``docs/studies.md``). State: one float per neuron (one
-    per element of bias-like tensors) and a scale per tensor, against Adam's two floats per weight. There is no momentum, weight decay or epsilon.
+    per element of bias-like tensors) and a scale per tensor, against Adam's two floats per weight. There is no
+    momentum, weight decay or epsilon.
 
     Args:
         params: parameters or parameter groups; a group may set ``lr``, ``beta``, ``centre``, ``normalise``
