@@ -12,8 +12,10 @@ of ``rsqrt(v + 1e-6)``.
     python examples/star_diagnose.py                          # the shipped default parameters
     python examples/star_diagnose.py --meta star_v1 --out ... # another set
     python examples/star_diagnose.py --optimizers star --steps 100   # the ratios only (the first 100 steps)
+    python examples/star_diagnose.py --optimizers adam,star_torch    # as a user runs it: nero_torch.Star's defaults
 
-It uses only ``nero_core.star(meta, step_mult=...)``, so the same script measures an older commit's rule.
+Apart from ``star_torch``, it uses only ``nero_core.star(meta, step_mult=...)``, so the same script measures an
+older commit's rule.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from harness.data import mnist  # noqa: E402
 from harness.models import mlp  # noqa: E402
 
+import nero_torch  # noqa: E402
 from nero_core._star import DEFAULT_PARAMS, load_star_params, star  # noqa: E402
 
 MEASURED_STEPS = 100
@@ -44,8 +47,9 @@ def rms(t: torch.Tensor) -> float:
     return float(t.double().pow(2).mean().sqrt())
 
 
-def train(depth: int, optimizer: str, meta: dict, data, steps: int) -> dict:
-    """``steps`` steps (at most one epoch) from seed 0; for ``optimizer == "star"`` also the per-tensor step ratios of the first steps."""
+def train(depth: int, optimizer: str, meta: dict, data, steps: int, meta_name: str = DEFAULT_PARAMS) -> dict:
+    """``steps`` steps (at most one epoch) from seed 0; for ``optimizer == "star"`` also the per-tensor step ratios
+    of the first steps."""
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(0)
     model = mlp(784, 192, 10, depth=depth)
@@ -54,6 +58,8 @@ def train(depth: int, optimizer: str, meta: dict, data, steps: int) -> dict:
     order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))
     if optimizer == "adam":
         adam = torch.optim.Adam(params, lr=1e-3)
+    elif optimizer == "star_torch":  # what a user runs: the torch.optim adapter with its defaults
+        adam = nero_torch.Star(params, **({} if meta_name == DEFAULT_PARAMS else {"meta_params": meta_name}))
     else:
         rule = star(meta, step_mult=0.0 if optimizer == "adam_aggmo" else 1e-3)
         nominal_only = star(meta, step_mult=0.0)
@@ -65,7 +71,7 @@ def train(depth: int, optimizer: str, meta: dict, data, steps: int) -> dict:
         model.zero_grad()
         loss.backward()
         losses.append(loss.item())
-        if optimizer == "adam":
+        if optimizer in ("adam", "star_torch"):
             adam.step()
             continue
         with torch.no_grad():
@@ -95,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--meta", default=DEFAULT_PARAMS)
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--optimizers", default="adam,adam_aggmo,star", help="of adam, adam_aggmo, star")
+    ap.add_argument("--optimizers", default="adam,adam_aggmo,star", help="of adam, adam_aggmo, star, star_torch "
+                                                                        "(nero_torch.Star with its defaults)")
     ap.add_argument("--steps", type=int, default=10**9, help="training steps (default: one epoch); at least 100")
     ap.add_argument("--out", type=Path, default=None, help="default: examples/results/star/diagnose_<meta>.json")
     args = ap.parse_args(argv)
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         net = record["nets"][f"mlp{depth}x192"] = {}
         for optimizer in args.optimizers.split(","):
             start = time.time()
-            net[optimizer] = train(depth, optimizer, meta, data, args.steps)
+            net[optimizer] = train(depth, optimizer, meta, data, args.steps, args.meta)
             summary = {k: round(v, 3) for k, v in net[optimizer].items() if isinstance(v, float)}
             print(f"mlp{depth}x192 {optimizer}: {summary} ({time.time() - start:.0f} s)", flush=True)
     out = args.out or ROOT / "results" / "star" / f"diagnose_{args.meta}.json"

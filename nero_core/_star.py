@@ -55,7 +55,7 @@ MAX_LOG_SCALE = 1.0  # the learned log-scales 1e-3*(mu, nu, rho) are clipped to 
 NUM_FEATURES = 28 + len(TIMESCALES)
 NUM_OUTPUTS = 4  # direction, magnitude, nominal magnitude, regularisation
 MLP_KEYS = ("w1", "b1", "w2", "b2", "w3", "b3")
-DEFAULT_PARAMS = "star_v1"
+DEFAULT_PARAMS = "star_v2"  # (docs/algorithms/star.md: its held-out suite and record)
 
 
 class StarState(NamedTuple):
@@ -385,7 +385,8 @@ def star(
     Args:
         meta_params: the MLP weights, a mapping with ``w1 (39, 4), b1 (4,), w2 (4, 4), b2 (4,), w3 (4, 4), b3 (4,)``
             (NumPy arrays, or arrays of the parameters' namespace, traced ones included); a name of a shipped set
-            (``"star_v1"``; ``"star_nonom_v1"``, meta-trained for ``nominal_stepsize=0``); None loads ``"star_v1"``.
+            (``"star_v2"``, ``"star_v1"``; ``"star_nonom_v2"`` and ``"star_nonom_v1"``, meta-trained for
+            ``nominal_stepsize=0``); None loads ``"star_v2"``.
         step_mult: scale of the learned (blackbox) step; 0 turns STAR into AdamAggMo.
         nominal_stepsize: learning rate of the AdamAggMo nominal term; 0 removes it (the small_fc_lopt baseline).
         weight_decay: decoupled weight decay, modulated per element by ``exp(1e-3*rho)``.

@@ -342,9 +342,10 @@ def test_shipped_meta_parameters_load():
         "w1": (39, 4), "b1": (4,), "w2": (4, 4), "b2": (4,), "w3": (4, 4), "b3": (4,)}
     assert all(np.all(np.isfinite(v)) for v in meta.values())
     config = load_star_config()
-    assert config["name"] == "star_v1" and config["command"].startswith("python -m nero_optax.metatrain")
-    baseline = load_star_params("star_nonom_v1")
-    assert baseline["w1"].shape == (39, 4)
+    assert config["name"] == "star_v2" and config["label"] == "shipped"
+    assert config["command"].startswith("python -m nero_optax.metatrain")
+    for name in ("star_v1", "star_nonom_v1", "star_nonom_v2"):  # the previous set and the no-nominal baselines
+        assert load_star_params(name)["w1"].shape == (39, 4)
     with pytest.raises(FileNotFoundError, match="no shipped STAR"):
         load_star_params("no_such_set")
 
@@ -353,7 +354,7 @@ def test_shipped_star_descends_on_a_quadratic():
     rng = np.random.default_rng(0)
     h = np.logspace(-2, 0, 50)
     x = rng.normal(size=50)
-    opt = star()  # the shipped star_v1
+    opt = star()  # the shipped default, star_v2
     state = opt.init([x])
     start = 0.5 * np.sum(h * x * x)
     for _ in range(300):

@@ -1,6 +1,6 @@
 """``examples/star_eval.py``'s bookkeeping: a task interrupted between optimizers (on a tiny task) resumes without
 running again what it had done, and processes that share one results file keep each other's tasks, with the verdict
-over the finished ones only."""
+over the finished ones only; and the CNN's im2col convolution is XLA's own."""
 
 from __future__ import annotations
 
@@ -89,3 +89,11 @@ def test_processes_sharing_a_file_keep_each_other_s_tasks(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(merged))
     other = star_eval.save(out, dict(run, steps=4, tasks={"b": partial}), ["a", "b"], 1.0)  # another configuration
     assert list(other["tasks"]) == ["b"]
+
+
+def test_the_cnn_s_im2col_convolution_is_lax_s_same_convolution():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 5, 3))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4))
+    expected = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(star_eval.conv3x3(x, w), expected, rtol=1e-5, atol=1e-5)

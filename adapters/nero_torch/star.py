@@ -45,7 +45,7 @@ class Star(torch.optim.Optimizer):
     Args:
         params: parameters or parameter groups.
         meta_params: the MLP weights (a mapping of arrays), the name of a shipped set, or None for the default set
-            (``nero_core._star.DEFAULT_PARAMS``, ``"star_v1"``).
+            (``nero_core._star.DEFAULT_PARAMS``, ``"star_v2"``).
         step_mult: as in :func:`nero_core.star`; per group.
         nominal_stepsize: as in :func:`nero_core.star`; per group.
         weight_decay: as in :func:`nero_core.star`; per group.

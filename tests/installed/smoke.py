@@ -43,7 +43,8 @@ def installed_files() -> str:
     assert Path(nero_core.__file__).resolve().is_relative_to(site), f"nero_core comes from {nero_core.__file__}"
     files = {str(f) for f in importlib.metadata.files("nero-core") or []}
     needed = {"nero_torch/_native.c", "nero_optax/_native.cc", "nero_core/py.typed", "nero_torch/py.typed",
-              "nero_optax/py.typed", "nero_core/data/star_v1.npz", "nero_core/data/star_v1.json"}
+              "nero_optax/py.typed", "nero_core/data/star_v2.npz", "nero_core/data/star_v2.json",
+              "nero_core/data/star_v1.npz", "nero_core/data/star_v1.json"}
     assert needed <= files, f"missing from the wheel: {sorted(needed - files)}"
     assert any(f.endswith("licenses/LICENSE") for f in files), "no LICENSE in the dist-info"
     if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64"):  # setup.py's prebuilt kernel
@@ -107,7 +108,7 @@ def nero_torch_star() -> str:
 
     shipped = nero_core.load_star_params()  # the meta-parameters in the installed package
     assert set(shipped) == {"w1", "b1", "w2", "b2", "w3", "b3"} and shipped["w1"].shape[0] == 39, shipped.keys()
-    return train_torch(lambda params: nero_torch.Star(params), "Star (shipped star_v1)")
+    return train_torch(lambda params: nero_torch.Star(params), "Star (shipped star_v2)")
 
 
 def train_torch(make: Callable, name: str) -> str:
