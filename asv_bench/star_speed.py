@@ -8,8 +8,8 @@ GPT-2-like set of ``benchmarks/shapes.py`` (29.9M parameters). References: ``tor
 ``jax.jit(optax.adam)`` with parameters and state donated, against ``nero_torch.Star`` and jitted
 ``nero_optax.star``. Each round times one step of every optimizer in turn; the table gives per optimizer the
 median wall time and the smallest CPU time (``time.process_time``: the least disturbed by other processes on a
-busy machine) and STAR's ratios to Adam by each. Gradients are fixed random arrays (scale 1e-3), so the step
-time does not depend on a model.
+busy machine) and STAR's ratios to Adam by each, and the first step's wall time (for a jitted step, its tracing and
+compiling). Gradients are fixed random arrays (scale 1e-3), so the step time does not depend on a model.
 """
 
 from __future__ import annotations
@@ -87,8 +87,11 @@ def jax_steps(flax_shapes):
 
 
 def measure(steps: dict, rounds: int) -> dict[str, dict[str, float]]:
-    for step in steps.values():  # warm-up (compiles, allocates state)
+    first: dict[str, float] = {}
+    for name, step in steps.items():  # warm-up (traces and compiles a jitted step, allocates state)
+        start = time.perf_counter()
         step()
+        first[name] = time.perf_counter() - start
         step()
     wall: dict[str, list[float]] = {k: [] for k in steps}
     cpu: dict[str, list[float]] = {k: [] for k in steps}
@@ -99,7 +102,7 @@ def measure(steps: dict, rounds: int) -> dict[str, dict[str, float]]:
             cpu[name].append(time.process_time() - c)
             wall[name].append(time.perf_counter() - w)
     return {k: {"wall_median_s": statistics.median(wall[k]), "cpu_min_s": min(cpu[k]),
-                "cpu_median_s": statistics.median(cpu[k])} for k in steps}
+                "cpu_median_s": statistics.median(cpu[k]), "first_step_wall_s": first[k]} for k in steps}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{shape_name:8s} {backend:5s} adam {adam['cpu_min_s'] * 1e3:8.1f} ms  star "
                   f"{star['cpu_min_s'] * 1e3:8.1f} ms (CPU, min)  ratio {row['ratio_cpu_min']:5.1f}x; wall medians "
                   f"{adam['wall_median_s'] * 1e3:.1f} / {star['wall_median_s'] * 1e3:.1f} ms, "
-                  f"ratio {row['ratio_wall_median']:.1f}x", flush=True)
+                  f"ratio {row['ratio_wall_median']:.1f}x; first step {adam['first_step_wall_s']:.1f} / "
+                  f"{star['first_step_wall_s']:.1f} s", flush=True)
             del steps
     if args.out:
         args.out.write_text(json.dumps({"command": "python asv_bench/star_speed.py " + " ".join(

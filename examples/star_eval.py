@@ -30,6 +30,8 @@ the loss, for the transformer) of Adam at 1e-3 on the majority of tasks.
     python examples/star_eval.py --meta star_v2    # a named parameter set (default: the shipped default)
     python examples/star_eval.py --steps 1000      # a shorter horizon (recorded in the results)
     python examples/star_eval.py --tasks cifar10_cnn,shakespeare_transformer   # one process's share
+    python examples/star_eval.py --optimizers star --out ...  # STAR alone (e.g. another set or rule, beside a
+                                                              # full record's baselines: same seeds, same batches)
 
 Without a no-nominal set ``star_nonom_<tag>`` beside ``star_<tag>``, that column is left out (recorded as such).
 """
@@ -43,6 +45,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -61,6 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("NERO_DATA_DIR", ROOT.parent / "shared" / "data"))
 ADAM_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 OPTIMIZERS = ("star", "star_nonom", "adam_aggmo", "adam_1e-3", "adam_best")
+RUNNABLE = ("star", "star_nonom", "adam_aggmo", "adam")  # what --optimizers picks from (adam: the rate grid)
 SEEDS = 3
 ACCURACY_MARGIN, LOSS_MARGIN = 0.02, 0.05  # the shipping criteria's "within 2 points (or 5% of the loss)"
 
@@ -264,11 +268,12 @@ def nonom_params(meta_name: str) -> dict[str, np.ndarray] | None:
 
 
 def evaluate(task: Task, seeds: list[int], meta_name: str, done: dict[str, Any] | None = None,
-             partial: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
-    """The task's runs, except those already in ``done`` (a previous, perhaps partial, result of the same task, which
-    the result then extends). One optimizer (one learning rate of Adam's) at a time, its seeds in one
-    :func:`run_group`, each handed to ``partial`` as it finishes, so that an interrupted task keeps what it had
-    done."""
+             partial: Callable[[dict[str, Any]], None] = lambda result: None,
+             only: Sequence[str] = RUNNABLE) -> dict[str, Any]:
+    """The task's runs of the optimizers in ``only`` (of :data:`RUNNABLE`; ``adam`` is the learning-rate grid),
+    except those already in ``done`` (a previous, perhaps partial, result of the same task, which the result then
+    extends). One optimizer (one learning rate of Adam's) at a time, its seeds in one :func:`run_group`, each handed
+    to ``partial`` as it finishes, so that an interrupted task keeps what it had done."""
     n = len(seeds)
     results: dict[str, Any] = copy.deepcopy(done or {})
     results["chance"] = task.chance
@@ -281,8 +286,8 @@ def evaluate(task: Task, seeds: list[int], meta_name: str, done: dict[str, Any] 
     }
     runs: list[tuple[str, Callable[[], Any]]] = [
         (name, lambda spec=spec: _run_star(task, seeds, spec)) for name, spec in sets.items()
-        if spec[0] is not None and name not in results]
-    if "adam_1e-3" not in results:
+        if spec[0] is not None and name not in results and name in only]
+    if "adam_1e-3" not in results and "adam" in only:
         grid = results.setdefault("adam_runs", {})
         runs += [(str(lr), lambda lr=lr: run_group(task, lambda lr: optax.adam(lr),
                                                    jnp.full((n,), lr, jnp.float32), jnp.asarray(seeds)))
@@ -307,10 +312,11 @@ def evaluate(task: Task, seeds: list[int], meta_name: str, done: dict[str, Any] 
     return results
 
 
-def complete(result: dict[str, Any] | None, nonom: bool) -> bool:
-    """Whether a task's result has every optimizer (the no-nominal baseline where its set exists)."""
-    needed = ["star", "adam_aggmo", "adam_1e-3"] + (["star_nonom"] if nonom else [])
-    return result is not None and all(k in result for k in needed)
+def complete(result: dict[str, Any] | None, nonom: bool, only: Sequence[str] = RUNNABLE) -> bool:
+    """Whether a task's result has every optimizer of ``only`` (the no-nominal baseline where its set exists)."""
+    needed = [k for k in ("star", "adam_aggmo", "adam") if k in only] + (["star_nonom"] if nonom and
+                                                                        "star_nonom" in only else [])
+    return result is not None and all(("adam_1e-3" if k == "adam" else k) in result for k in needed)
 
 
 def _run_star(task: Task, seeds: list[int], spec: tuple[Any, float, float]) -> tuple[np.ndarray, dict]:
@@ -425,6 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=2000, help="steps per run (10x the meta-training horizon)")
     ap.add_argument("--tasks", default="", help="a comma-separated share of the suite's tasks (default: all), "
                                                 "for processes that share one --out")
+    ap.add_argument("--optimizers", default=",".join(RUNNABLE),
+                    help=f"a comma-separated share of the optimizers (of {', '.join(RUNNABLE)}; adam is its grid)")
     ap.add_argument("--out", type=Path, default=ROOT / "examples" / "results" / "star" / "eval.json")
     args = ap.parse_args(argv)
     seeds = [0] if args.quick else list(range(args.seeds))
@@ -433,6 +441,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [t for t in chosen if t not in tasks]
     if unknown:
         ap.error(f"--tasks: no task {', '.join(unknown)} in the suite (it has {', '.join(tasks)})")
+    only = [o for o in args.optimizers.split(",") if o]
+    if not only or any(o not in RUNNABLE for o in only):
+        ap.error(f"--optimizers: {args.optimizers!r} is not a comma-separated list of {', '.join(RUNNABLE)}")
     argv = list(argv if argv is not None else sys.argv[1:])
     if "--tasks" in argv:  # the suite's command, whichever share of it this process runs
         del argv[argv.index("--tasks"):argv.index("--tasks") + 2]
@@ -452,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
             if _same_run(previous, results):
                 merged = previous
         have = merged["tasks"].get(name)
-        if complete(have, nonom):
+        if complete(have, nonom, only):
             continue  # (a task run before the no-nominal set existed gets that column added)
         clock = [time.time()]
 
@@ -462,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
                 save(args.out, dict(results, tasks={name: result}), list(tasks), time.time() - clock[0])
                 clock[0] = time.time()
 
-        result = evaluate(tasks[name](), seeds, args.meta, have, partial)
+        result = evaluate(tasks[name](), seeds, args.meta, have, partial, only)
         print(f"{name}: {result['wall_seconds']} s", flush=True)
         merged = save(args.out, dict(results, tasks={name: result}), list(tasks), 0.0) if not args.quick else \
             dict(merged, tasks={**merged["tasks"], name: result})

@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeGuard, Union
 
 import numpy as np
-from array_api_compat import device as device_of
 from array_api_compat import is_array_api_obj
 
 from ._base import (
@@ -30,6 +29,7 @@ from ._base import (
     check_hyperparameter,
     check_params,
     compute_dtype,
+    device_of,
     namespace_of,
     zeros_beside,
 )

@@ -67,10 +67,16 @@ def _torch_namespace(arrays: Sequence[Any]) -> Any:
 
 def device_of(x: Any) -> Any:
     """The device of an array, as ``array_api_compat.device``; a torch tensor's read directly, because
-    ``torch.compile`` traces array_api_compat's cached helpers with a warning for each."""
+    ``torch.compile`` traces array_api_compat's cached helpers with a warning for each; None for a JAX tracer (as
+    ``array_api_compat`` gives) without asking it: a tracer's ``device`` raises an error whose message walks the whole
+    program traced so far, which made tracing a step quadratic in the number of tensors (minutes for STAR on the
+    GPT-2-like set)."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
         return x.device
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.core.Tracer):
+        return None
     return _compat_device(x)
 
 

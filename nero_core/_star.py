@@ -38,9 +38,9 @@ from importlib import resources
 from typing import Any, NamedTuple
 
 import numpy as np
-from array_api_compat import device as device_of
 
-from ._base import Optimizer, check_gradients, check_hyperparameter, check_params, compute_dtype, namespace_of
+from ._base import Optimizer, check_gradients, check_hyperparameter, check_params, compute_dtype, device_of
+from ._base import namespace_of
 from ._base import zeros_beside
 from ._branch import blas_flags_quiet
 

@@ -97,3 +97,14 @@ def test_the_cnn_s_im2col_convolution_is_lax_s_same_convolution():
     expected = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                             precision=jax.lax.Precision.HIGHEST)
     np.testing.assert_allclose(star_eval.conv3x3(x, w), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_share_of_the_optimizers_runs_only_that_share(monkeypatch):
+    runs = []
+    run_group = star_eval.run_group
+    monkeypatch.setattr(star_eval, "run_group", lambda *args: runs.append(1) or run_group(*args))
+    result = star_eval.evaluate(tiny_task(), SEEDS, "star_v1", only=("star",))
+    assert len(runs) == 1 and "star" in result and not {"star_nonom", "adam_aggmo", "adam_runs"} & set(result)
+    assert star_eval.complete(result, nonom=True, only=("star",)) and not star_eval.complete(result, nonom=True)
+    with pytest.raises(SystemExit):
+        star_eval.main(["--optimizers", "star,sgd"])
