@@ -314,9 +314,8 @@ def evaluate(task: Task, seeds: list[int], meta_name: str, done: dict[str, Any] 
 
 def complete(result: dict[str, Any] | None, nonom: bool, only: Sequence[str] = RUNNABLE) -> bool:
     """Whether a task's result has every optimizer of ``only`` (the no-nominal baseline where its set exists)."""
-    needed = [k for k in ("star", "adam_aggmo", "adam") if k in only] + (["star_nonom"] if nonom and
-                                                                        "star_nonom" in only else [])
-    return result is not None and all(("adam_1e-3" if k == "adam" else k) in result for k in needed)
+    needed = [{"adam": "adam_1e-3"}.get(k, k) for k in only if k != "star_nonom" or nonom]
+    return result is not None and all(k in result for k in needed)
 
 
 def _run_star(task: Task, seeds: list[int], spec: tuple[Any, float, float]) -> tuple[np.ndarray, dict]:
