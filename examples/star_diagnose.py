@@ -57,9 +57,9 @@ def train(depth: int, optimizer: str, meta: dict, data, steps: int, meta_name: s
     params = list(model.parameters())
     order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))
     if optimizer == "adam":
-        adam = torch.optim.Adam(params, lr=1e-3)
+        torch_opt = torch.optim.Adam(params, lr=1e-3)
     elif optimizer == "star_torch":  # what a user runs: the torch.optim adapter with its defaults
-        adam = nero_torch.Star(params, **({} if meta_name == DEFAULT_PARAMS else {"meta_params": meta_name}))
+        torch_opt = nero_torch.Star(params, **({} if meta_name == DEFAULT_PARAMS else {"meta_params": meta_name}))
     else:
         rule = star(meta, step_mult=0.0 if optimizer == "adam_aggmo" else 1e-3)
         nominal_only = star(meta, step_mult=0.0)
@@ -72,7 +72,7 @@ def train(depth: int, optimizer: str, meta: dict, data, steps: int, meta_name: s
         loss.backward()
         losses.append(loss.item())
         if optimizer in ("adam", "star_torch"):
-            adam.step()
+            torch_opt.step()
             continue
         with torch.no_grad():
             old, grads = [p.detach().clone() for p in params], [p.grad for p in params]
