@@ -332,7 +332,8 @@ def _metric(res: dict[str, Any]) -> str:
 
 
 def verdict(tasks: dict[str, Any]) -> dict[str, Any]:
-    """The shipping criteria, per task and overall: no STAR run diverges; STAR is not at chance (accuracy within
+    """The shipping criteria, per task and overall: no STAR run diverges (on any task, whether or not its Adam runs
+    are done); STAR is not at chance (accuracy within
     5 points of 10%, or loss within 5% of chance) on a task where Adam at 1e-3 is not; STAR is within 2 points of
     accuracy (5% of the loss) of Adam at 1e-3 on the majority of tasks."""
     per_task = {}
@@ -350,7 +351,7 @@ def verdict(tasks: dict[str, Any]) -> dict[str, Any]:
             close = s <= a * (1 + LOSS_MARGIN)
         per_task[name] = {"diverged": int(sum(star_r["diverged"])), "at_chance": at_chance(s) and not at_chance(a),
                           "within_margin": bool(close), "star": s, "adam_1e-3": a, "metric": metric}
-    never_diverges = all(v["diverged"] == 0 for v in per_task.values())
+    never_diverges = not any(any(res["star"]["diverged"]) for res in tasks.values() if "star" in res)
     never_at_chance = not any(v["at_chance"] for v in per_task.values())
     majority = sum(v["within_margin"] for v in per_task.values()) > len(per_task) / 2
     return {"tasks": per_task, "never_diverges": never_diverges, "never_at_chance": never_at_chance,

@@ -87,8 +87,11 @@ def test_processes_sharing_a_file_keep_each_other_s_tasks(tmp_path):
     assert list(merged["tasks"]) == ["a", "b"] and merged["wall_seconds"] == 5.0
     assert list(merged["verdict"]["tasks"]) == ["a"]  # a task under way is not judged
     assert json.loads(out.read_text()) == json.loads(json.dumps(merged))
+    assert merged["verdict"]["never_diverges"]
     other = star_eval.save(out, dict(run, steps=4, tasks={"b": partial}), ["a", "b"], 1.0)  # another configuration
     assert list(other["tasks"]) == ["b"]
+    diverged = dict(partial, star=dict(summary(0.5), diverged=[True]))  # counts though the task is not judged
+    assert not star_eval.save(out, dict(run, tasks={"b": diverged}), ["a", "b"], 1.0)["verdict"]["never_diverges"]
 
 
 def test_the_cnn_s_im2col_convolution_is_lax_s_same_convolution():
