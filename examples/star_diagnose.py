@@ -47,7 +47,7 @@ def rms(t: torch.Tensor) -> float:
     return float(t.double().pow(2).mean().sqrt())
 
 
-def train(depth: int, optimizer: str, meta: dict, data, steps: int, meta_name: str = DEFAULT_PARAMS) -> dict:
+def train(depth: int, optimizer: str, meta_name: str, data, steps: int) -> dict:
     """``steps`` steps (at most one epoch) from seed 0; for ``optimizer == "star"`` also the per-tensor step ratios
     of the first steps."""
     x_train, y_train, x_test, y_test = data
@@ -61,6 +61,7 @@ def train(depth: int, optimizer: str, meta: dict, data, steps: int, meta_name: s
     elif optimizer == "star_torch":  # what a user runs: the torch.optim adapter with its defaults
         torch_opt = nero_torch.Star(params, **({} if meta_name == DEFAULT_PARAMS else {"meta_params": meta_name}))
     else:
+        meta = load_star_params(meta_name)
         rule = star(meta, step_mult=0.0 if optimizer == "adam_aggmo" else 1e-3)
         nominal_only = star(meta, step_mult=0.0)
         state = rule.init([p.detach() for p in params])
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="default: examples/results/star/diagnose_<meta>.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    meta = load_star_params(args.meta)
+    load_star_params(args.meta)  # an unknown set fails here, before any training
     data = mnist(args.data_dir)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         net = record["nets"][f"mlp{depth}x192"] = {}
         for optimizer in args.optimizers.split(","):
             start = time.time()
-            net[optimizer] = train(depth, optimizer, meta, data, args.steps, args.meta)
+            net[optimizer] = train(depth, optimizer, args.meta, data, args.steps)
             summary = {k: round(v, 3) for k, v in net[optimizer].items() if isinstance(v, float)}
             print(f"mlp{depth}x192 {optimizer}: {summary} ({time.time() - start:.0f} s)", flush=True)
     out = args.out or ROOT / "results" / "star" / f"diagnose_{args.meta}.json"
